@@ -1,0 +1,449 @@
+//! The SMTP server state machine: bytes in, `Event`s out. No I/O, no clock.
+//!
+//! The connection driver hands it whatever bytes it has; `feed` consumes one command (or a
+//! chunk of message data) and says what to do next. Pipelined commands are simply several
+//! calls to `feed` over the same buffer, so there is always exactly one reply per command.
+
+use super::command::{self, Command};
+use super::data::{DataReader, DataResult};
+use super::reply::Reply;
+
+/// RFC 5321 §4.5.3.1.4 allows 512; extensions (SIZE, SMTPUTF8) need more, 1000 is what
+/// Postfix and the issue settle on.
+pub const MAX_COMMAND_LINE: usize = 1000;
+
+/// Errors tolerated before the session is closed, like Postfix's `smtpd_hard_error_limit`.
+pub const MAX_ERRORS: u32 = 20;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub hostname: String,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    /// A certificate is configured, so STARTTLS can be offered (on a plain connection).
+    pub starttls_available: bool,
+}
+
+/// A message the client has finished sending; the driver relays it and reports back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    pub mail_from: String,
+    pub recipients: Vec<String>,
+    /// Unstuffed message bytes; every line ends in CRLF.
+    pub data: Vec<u8>,
+    pub smtputf8: bool,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// Nothing complete in the input: read more.
+    NeedMore,
+    Reply(Reply),
+    /// Send the reply, then close.
+    Close(Reply),
+    /// Send the reply, drop any input already buffered (RFC 3207 §4.2), run the handshake,
+    /// then call `tls_started`.
+    StartTls(Reply),
+    /// Relay this message; send whatever reply the relay produces.
+    Relay(Transaction),
+}
+
+#[derive(Debug)]
+enum State {
+    Fresh,
+    Greeted,
+    Mail {
+        from: command::MailFrom,
+    },
+    Rcpt {
+        from: command::MailFrom,
+        recipients: Vec<String>,
+    },
+    Data {
+        from: command::MailFrom,
+        recipients: Vec<String>,
+        reader: DataReader,
+    },
+}
+
+#[derive(Debug)]
+pub struct Session {
+    settings: Settings,
+    state: State,
+    tls: bool,
+    /// An over-long line is being skipped; its reply is sent when its end arrives.
+    skipping_line: bool,
+    errors: u32,
+}
+
+impl Session {
+    pub fn new(settings: Settings, tls: bool) -> Session {
+        Session {
+            settings,
+            state: State::Fresh,
+            tls,
+            skipping_line: false,
+            errors: 0,
+        }
+    }
+
+    pub fn greeting(&self) -> Reply {
+        Reply::greeting(&self.settings.hostname)
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// True while no transaction is open: the point where a shutdown may close the session.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Fresh | State::Greeted)
+    }
+
+    pub fn in_data(&self) -> bool {
+        matches!(self.state, State::Data { .. })
+    }
+
+    /// After a successful handshake the session starts over, as RFC 3207 §4.2 requires.
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.state = State::Fresh;
+    }
+
+    /// Consumes input; returns how many bytes were used and what to do.
+    pub fn feed(&mut self, input: &[u8]) -> (usize, Event) {
+        if let State::Data { reader, .. } = &mut self.state {
+            let (used, done) = reader.feed(input);
+            return match done {
+                None => (used, Event::NeedMore),
+                Some(result) => (used, self.finish_data(result)),
+            };
+        }
+        let window = &input[..input.len().min(MAX_COMMAND_LINE + 2)];
+        let Some(lf) = memchr::memchr(b'\n', window) else {
+            if input.len() > MAX_COMMAND_LINE {
+                self.skipping_line = true;
+                return (input.len(), Event::NeedMore);
+            }
+            return (0, Event::NeedMore);
+        };
+        let used = lf + 1;
+        if std::mem::take(&mut self.skipping_line) || lf > MAX_COMMAND_LINE {
+            return (used, self.error(Reply::LINE_TOO_LONG));
+        }
+        let line = &input[..lf];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let event = match command::parse(line) {
+            Ok(cmd) => self.command(cmd),
+            Err(reply) => self.error(reply),
+        };
+        (used, event)
+    }
+
+    fn error(&mut self, reply: Reply) -> Event {
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            Event::Close(Reply::TOO_MANY_ERRORS)
+        } else {
+            Event::Reply(reply)
+        }
+    }
+
+    fn extensions(&self) -> Vec<String> {
+        let mut ext = vec![
+            "PIPELINING".to_owned(),
+            format!("SIZE {}", self.settings.max_message_size),
+            "8BITMIME".to_owned(),
+            "ENHANCEDSTATUSCODES".to_owned(),
+            "SMTPUTF8".to_owned(),
+        ];
+        if self.settings.starttls_available && !self.tls {
+            ext.push("STARTTLS".to_owned());
+        }
+        ext
+    }
+
+    fn command(&mut self, cmd: Command) -> Event {
+        let state = std::mem::replace(&mut self.state, State::Fresh);
+        let (next, event) = match (cmd, state) {
+            (Command::Ehlo(_), _) => (
+                State::Greeted,
+                Event::Reply(Reply::ehlo(&self.settings.hostname, &self.extensions())),
+            ),
+            (Command::Helo(_), _) => (
+                State::Greeted,
+                Event::Reply(Reply::helo(&self.settings.hostname)),
+            ),
+            (Command::Quit, _) => (State::Fresh, Event::Close(Reply::BYE)),
+            (Command::Noop, s) => (s, Event::Reply(Reply::OK)),
+            (Command::Vrfy, s) => (s, Event::Reply(Reply::VRFY)),
+            (Command::Help, s) => (s, Event::Reply(Reply::HELP)),
+            (Command::NotImplemented, s) => (s, self.error(Reply::NOT_IMPLEMENTED)),
+            (Command::Rset, State::Fresh) => (State::Fresh, Event::Reply(Reply::OK)),
+            (Command::Rset, _) => (State::Greeted, Event::Reply(Reply::OK)),
+            (Command::StartTls, s) if self.tls => (s, self.error(Reply::TLS_ACTIVE)),
+            (Command::StartTls, s) if !self.settings.starttls_available => {
+                (s, self.error(Reply::TLS_UNAVAILABLE))
+            }
+            (Command::StartTls, _) => (State::Fresh, Event::StartTls(Reply::READY_TLS)),
+            (_, State::Fresh) => (State::Fresh, self.error(Reply::NEED_HELO)),
+            (Command::Mail(from), State::Greeted) => {
+                if from.size.is_some_and(|n| n > self.settings.max_message_size as u64) {
+                    (State::Greeted, self.error(Reply::TOO_LARGE))
+                } else {
+                    (State::Mail { from }, Event::Reply(Reply::SENDER_OK))
+                }
+            }
+            (Command::Mail(_), s) => (s, self.error(Reply::NESTED_MAIL)),
+            (Command::Rcpt(_), State::Greeted) => (State::Greeted, self.error(Reply::NEED_MAIL)),
+            (Command::Rcpt(to), State::Mail { from }) => self.add_recipient(from, Vec::new(), to),
+            (Command::Rcpt(to), State::Rcpt { from, recipients }) => {
+                self.add_recipient(from, recipients, to)
+            }
+            (Command::Data, State::Greeted) => (State::Greeted, self.error(Reply::NEED_MAIL)),
+            (Command::Data, s @ State::Mail { .. }) => (s, self.error(Reply::NEED_RCPT)),
+            (Command::Data, State::Rcpt { from, recipients }) => (
+                State::Data {
+                    from,
+                    recipients,
+                    reader: DataReader::new(self.settings.max_message_size),
+                },
+                Event::Reply(Reply::START_DATA),
+            ),
+            (_, s @ State::Data { .. }) => {
+                unreachable!("commands are not parsed during DATA: {s:?}")
+            }
+        };
+        self.state = next;
+        event
+    }
+
+    fn add_recipient(
+        &mut self,
+        from: command::MailFrom,
+        mut recipients: Vec<String>,
+        to: String,
+    ) -> (State, Event) {
+        let event = if recipients.len() >= self.settings.max_recipients {
+            Event::Reply(Reply::TOO_MANY_RECIPIENTS)
+        } else if !from.smtputf8 && !to.is_ascii() {
+            self.error(Reply::SMTPUTF8_NOT_DECLARED)
+        } else {
+            recipients.push(to);
+            Event::Reply(Reply::RECIPIENT_OK)
+        };
+        let state = if recipients.is_empty() {
+            State::Mail { from }
+        } else {
+            State::Rcpt { from, recipients }
+        };
+        (state, event)
+    }
+
+    fn finish_data(&mut self, result: DataResult) -> Event {
+        let State::Data {
+            from, recipients, ..
+        } = std::mem::replace(&mut self.state, State::Greeted)
+        else {
+            unreachable!("finish_data outside DATA")
+        };
+        match result {
+            Ok(data) => Event::Relay(Transaction {
+                mail_from: from.address,
+                recipients,
+                data,
+                smtputf8: from.smtputf8,
+            }),
+            Err(reply) => Event::Reply(reply),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> Session {
+        Session::new(
+            Settings {
+                hostname: "relay.test".into(),
+                max_message_size: 1000,
+                max_recipients: 2,
+                starttls_available: true,
+            },
+            false,
+        )
+    }
+
+    /// Runs a whole client transcript and returns each event rendered as text.
+    fn run(s: &mut Session, input: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        loop {
+            let (used, ev) = s.feed(&input[pos..]);
+            pos += used;
+            match ev {
+                Event::NeedMore => break,
+                Event::Reply(r) => out.push(r.to_string()),
+                Event::Close(r) => {
+                    out.push(format!("close {r}"));
+                    break;
+                }
+                Event::StartTls(r) => {
+                    out.push(format!("tls {r}"));
+                    break;
+                }
+                Event::Relay(tx) => out.push(format!(
+                    "relay {} {:?} {}",
+                    tx.mail_from,
+                    tx.recipients,
+                    String::from_utf8_lossy(&tx.data).escape_debug()
+                )),
+            }
+        }
+        out
+    }
+
+    fn codes(lines: &[String]) -> Vec<&str> {
+        lines.iter().map(|l| &l[..3]).collect()
+    }
+
+    #[test]
+    fn happy_path_pipelined() {
+        let mut s = session();
+        let out = run(
+            &mut s,
+            b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n",
+        );
+        assert_eq!(out[0].lines().next(), Some("250-relay.test"));
+        assert!(out[0].ends_with("250 STARTTLS"));
+        assert_eq!(&out[1..4], ["250 2.1.0 Sender ok", "250 2.1.5 Recipient ok", "354 End data with <CR><LF>.<CR><LF>"]);
+        assert_eq!(out[4], "relay a@b.example [\"c@d.example\"] hi\\r\\n");
+        assert_eq!(out[5], "close 221 2.0.0 Bye");
+    }
+
+    #[test]
+    fn sequencing_errors() {
+        let mut s = session();
+        let out = run(
+            &mut s,
+            b"MAIL FROM:<a@b.example>\r\nEHLO c\r\nRCPT TO:<c@d.example>\r\nDATA\r\nMAIL FROM:<a@b.example>\r\nDATA\r\nMAIL FROM:<a@b.example>\r\n",
+        );
+        assert_eq!(codes(&out), ["503", "250", "503", "503", "250", "503", "503"]);
+        assert!(out[2].contains("Send MAIL first"));
+        assert!(out[5].contains("Send RCPT first"));
+        assert!(out[6].contains("Sender already specified"));
+    }
+
+    #[test]
+    fn rset_clears_the_transaction() {
+        let mut s = session();
+        let out = run(
+            &mut s,
+            b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRSET\r\nRCPT TO:<c@d.example>\r\nNOOP\r\nVRFY x\r\nHELP\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "250", "250", "503", "250", "252", "214"]);
+    }
+
+    #[test]
+    fn recipient_limit() {
+        let mut s = session();
+        let out = run(
+            &mut s,
+            b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nRCPT TO:<c@x.example>\r\nDATA\r\n.\r\n",
+        );
+        assert_eq!(out[4], "452 4.5.3 Too many recipients");
+        assert!(out[6].starts_with("relay  [\"a@x.example\", \"b@x.example\"]"));
+    }
+
+    #[test]
+    fn declared_size_too_large() {
+        let mut s = session();
+        let out = run(&mut s, b"EHLO c\r\nMAIL FROM:<a@b.example> SIZE=1001\r\n");
+        assert_eq!(out[1], "552 5.3.4 Message size exceeds fixed maximum message size");
+    }
+
+    #[test]
+    fn data_too_large_keeps_session() {
+        let mut s = session();
+        let mut input = b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n".to_vec();
+        for _ in 0..30 {
+            input.extend_from_slice(&[b'x'; 50]);
+            input.extend_from_slice(b"\r\n");
+        }
+        input.extend_from_slice(b".\r\nNOOP\r\n");
+        let out = run(&mut s, &input);
+        assert_eq!(codes(&out), ["250", "250", "250", "354", "552", "250"]);
+    }
+
+    #[test]
+    fn long_command_line_is_refused_and_session_goes_on() {
+        let mut s = session();
+        let mut input = b"EHLO c\r\nNOOP ".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 5000));
+        input.extend_from_slice(b"\r\nNOOP\r\n");
+        // Feed in small chunks, as a socket would deliver them.
+        let mut out = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        for chunk in input.chunks(300) {
+            buf.extend_from_slice(chunk);
+            loop {
+                let (used, ev) = s.feed(&buf);
+                buf.drain(..used);
+                match ev {
+                    Event::NeedMore => break,
+                    Event::Reply(r) => out.push(r.to_string()),
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert!(buf.len() <= MAX_COMMAND_LINE + 300, "buffer must stay bounded");
+        }
+        assert_eq!(out[1], "500 5.5.2 Line too long");
+        assert_eq!(out[2], "250 2.0.0 Ok");
+        assert_eq!(out.len(), 3);
+    }
+
+    #[test]
+    fn starttls_resets_session_and_is_not_offered_twice() {
+        let mut s = session();
+        let out = run(&mut s, b"EHLO c\r\nSTARTTLS\r\n");
+        assert_eq!(out[1], "tls 220 2.0.0 Ready to start TLS");
+        s.tls_started();
+        let out = run(&mut s, b"MAIL FROM:<a@b.example>\r\nEHLO c\r\nSTARTTLS\r\n");
+        assert_eq!(codes(&out), ["503", "250", "503"]);
+        assert!(!out[1].contains("STARTTLS"));
+    }
+
+    #[test]
+    fn starttls_without_certificate() {
+        let mut s = Session::new(
+            Settings {
+                starttls_available: false,
+                ..session().settings
+            },
+            false,
+        );
+        let out = run(&mut s, b"EHLO c\r\nSTARTTLS\r\n");
+        assert!(!out[0].contains("STARTTLS"));
+        assert_eq!(out[1], "454 4.7.0 TLS not available");
+    }
+
+    #[test]
+    fn too_many_errors_close() {
+        let mut s = session();
+        let input = b"BOGUS\r\n".repeat(MAX_ERRORS as usize);
+        let out = run(&mut s, &input);
+        assert_eq!(out.len(), MAX_ERRORS as usize);
+        assert_eq!(out.last().unwrap(), "close 421 4.7.0 Too many errors, closing connection");
+    }
+
+    #[test]
+    fn non_ascii_recipient_needs_smtputf8() {
+        let mut s = session();
+        let out = run(
+            &mut s,
+            "EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<jörg@x.example>\r\nMAIL FROM:<a@b.example>\r\n".as_bytes(),
+        );
+        assert_eq!(codes(&out), ["250", "250", "553", "503"]);
+    }
+}
