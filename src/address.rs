@@ -1,0 +1,200 @@
+//! RFC 5322 mailboxes: parsing a header value (through mail-parser), rendering a `From:` value,
+//! and the comma-separated approved-sender lists of the spec.
+
+use base64::Engine;
+use mail_parser::parsers::MessageStream;
+use mail_parser::{Address, HeaderValue};
+
+/// One mailbox: an optional display name and the bare address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mailbox {
+    pub name: Option<String>,
+    pub address: String,
+}
+
+impl Mailbox {
+    /// Renders the mailbox for a header field, quoting or encoding the display name as needed.
+    pub fn render(&self) -> String {
+        match self.name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+            None => self.address.clone(),
+            Some(name) => format!("{} <{}>", render_display_name(name), self.address),
+        }
+    }
+
+    pub fn with_name(&self, name: Option<&str>) -> Mailbox {
+        Mailbox {
+            name: name.map(str::to_owned),
+            address: self.address.clone(),
+        }
+    }
+}
+
+fn render_display_name(name: &str) -> String {
+    const ATEXT_SPECIALS: &str = "!#$%&'*+-/=?^_`{|}~ ";
+    if name.is_ascii()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ATEXT_SPECIALS.contains(c))
+    {
+        name.to_owned()
+    } else if name.is_ascii() && !name.chars().any(|c| c.is_ascii_control()) {
+        let escaped = name.replace('\\', "\\\\").replace('"', "\\\"");
+        format!("\"{escaped}\"")
+    } else {
+        // RFC 2047 encoded word: safe for any text, and needs no SMTPUTF8 upstream.
+        let b64 = base64::engine::general_purpose::STANDARD.encode(name.as_bytes());
+        format!("=?UTF-8?B?{b64}?=")
+    }
+}
+
+/// Parses a header value (the bytes after the colon, folding included) into its mailboxes.
+/// Groups count with their members, so a group never passes as a single sender.
+pub fn parse_list(value: &[u8]) -> Vec<Mailbox> {
+    let mut owned;
+    let value = if value.ends_with(b"\n") {
+        value
+    } else {
+        // mail-parser reads up to the end of the field, which it finds at a newline.
+        owned = value.to_vec();
+        owned.extend_from_slice(b"\r\n");
+        &owned[..]
+    };
+    let addrs = match MessageStream::new(value).parse_address() {
+        HeaderValue::Address(Address::List(list)) => list,
+        HeaderValue::Address(Address::Group(groups)) => {
+            groups.into_iter().flat_map(|g| g.addresses).collect()
+        }
+        _ => Vec::new(),
+    };
+    addrs
+        .into_iter()
+        .map(|a| Mailbox {
+            name: a.name.map(|n| n.into_owned()),
+            address: a.address.map(|a| a.into_owned()).unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Parses exactly one mailbox with a plausible address, as config values need.
+pub fn parse_one(value: &str) -> Option<Mailbox> {
+    if value.chars().any(|c| c.is_control()) {
+        return None;
+    }
+    let mut list = parse_list(value.as_bytes());
+    if list.len() != 1 {
+        return None;
+    }
+    let mb = list.pop()?;
+    is_plausible_address(&mb.address).then_some(mb)
+}
+
+/// A bare address we would put in a header and an envelope: `local@domain`, no spaces or
+/// control characters, no brackets.
+pub fn is_plausible_address(addr: &str) -> bool {
+    match addr.rsplit_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && !domain.is_empty()
+                && !addr
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || "<>,;".contains(c))
+        }
+        None => false,
+    }
+}
+
+/// An approved-sender list: entries trimmed, empty entries ignored, bare address kept
+/// (an entry may be written `Name <addr>`), compared case-insensitively.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApprovedList(Vec<String>);
+
+impl ApprovedList {
+    pub fn from_entries<'a>(entries: impl IntoIterator<Item = &'a str>) -> ApprovedList {
+        ApprovedList(
+            entries
+                .into_iter()
+                .flat_map(|e| e.split(','))
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(|e| match (e.rfind('<'), e.rfind('>')) {
+                    (Some(a), Some(b)) if a < b => e[a + 1..b].trim().to_owned(),
+                    _ => e.to_owned(),
+                })
+                .collect(),
+        )
+    }
+
+    pub fn contains(&self, address: &str) -> bool {
+        let address = address.trim();
+        self.0.iter().any(|e| e.eq_ignore_ascii_case(address))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_named_and_bare() {
+        assert_eq!(
+            parse_one("Acme <noreply@acme.example>"),
+            Some(Mailbox {
+                name: Some("Acme".into()),
+                address: "noreply@acme.example".into()
+            })
+        );
+        assert_eq!(parse_one("noreply@acme.example").unwrap().name, None);
+        assert_eq!(parse_one("a@x.example, b@x.example"), None);
+        assert_eq!(parse_one("not an address"), None);
+        assert_eq!(parse_one("A <a@x.example>\r\nBcc: evil@x.example"), None);
+    }
+
+    #[test]
+    fn parses_folded_and_encoded_values() {
+        let list = parse_list(b" =?UTF-8?B?SsO2cmc=?=\r\n <jorg@x.example>\r\n");
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].name.as_deref(), Some("Jörg"));
+        assert_eq!(list[0].address, "jorg@x.example");
+    }
+
+    #[test]
+    fn groups_count_their_members() {
+        assert_eq!(parse_list(b" team: a@x.example, b@x.example;\r\n").len(), 2);
+    }
+
+    #[test]
+    fn renders_names_safely() {
+        let mb = |n: &str| Mailbox {
+            name: Some(n.into()),
+            address: "a@x.example".into(),
+        };
+        assert_eq!(mb("Acme Health").render(), "Acme Health <a@x.example>");
+        assert_eq!(mb("Acme, Inc.").render(), "\"Acme, Inc.\" <a@x.example>");
+        assert_eq!(mb("Say \"hi\"").render(), "\"Say \\\"hi\\\"\" <a@x.example>");
+        assert_eq!(mb("Jörg").render(), "=?UTF-8?B?SsO2cmc=?= <a@x.example>");
+        assert_eq!(mb("").render(), "a@x.example");
+        // What we render parses back to the same mailbox.
+        for name in ["Acme, Inc.", "Say \"hi\"", "Jörg", "Acme Health"] {
+            assert_eq!(parse_one(&mb(name).render()), Some(mb(name)), "{name}");
+        }
+    }
+
+    #[test]
+    fn approved_list_rules() {
+        let list = ApprovedList::from_entries([" Alice@Acme.example , ,bob@acme.example", "Carol <carol@acme.example>"]);
+        assert_eq!(list.len(), 3);
+        assert!(list.contains("alice@acme.example"));
+        assert!(list.contains("BOB@ACME.EXAMPLE"));
+        assert!(list.contains("carol@acme.example"));
+        assert!(!list.contains("mallory@acme.example"));
+        assert!(!list.contains(""));
+    }
+}

@@ -1,0 +1,918 @@
+//! `relay.toml`: the serde types, loading, and validation that reports every problem with its
+//! key path. Project secrets are checked one by one, so a bad project is marked misconfigured
+//! (its mail refused) instead of stopping the relay.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Value;
+
+use crate::address::{self, ApprovedList, Mailbox};
+
+/// A password or key: never printed by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Through `Value`, so a type error cannot echo the value the way serde's messages do.
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Secret(s)),
+            _ => Err(serde::de::Error::custom("must be a string")),
+        }
+    }
+}
+
+/// `"a@x, b@y"` or `["a@x", "b@y"]`.
+fn address_list(value: &Value) -> Option<ApprovedList> {
+    match value {
+        Value::String(s) => Some(ApprovedList::from_entries([s.as_str()])),
+        Value::Array(items) => items
+            .iter()
+            .map(Value::as_str)
+            .collect::<Option<Vec<_>>>()
+            .map(ApprovedList::from_entries),
+        _ => None,
+    }
+}
+
+// ----- the file as written -----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listener: RawListener,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    projects: BTreeMap<String, RawProject>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    smtp: Option<String>,
+    smtps: Option<String>,
+    certificate: Option<PathBuf>,
+    private_key: Option<PathBuf>,
+    #[serde(default = "default_hostname")]
+    hostname: String,
+    #[serde(default = "default_project_header")]
+    project_header: String,
+    #[serde(default = "default_max_message_size")]
+    max_message_size: usize,
+    #[serde(default = "default_max_recipients")]
+    max_recipients: usize,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout_secs: u64,
+    #[serde(default = "default_tls_handshake_timeout")]
+    tls_handshake_timeout_secs: u64,
+}
+
+impl Default for RawListener {
+    fn default() -> Self {
+        RawListener {
+            smtp: Some("127.0.0.1:2525".into()),
+            smtps: None,
+            certificate: None,
+            private_key: None,
+            hostname: default_hostname(),
+            project_header: default_project_header(),
+            max_message_size: default_max_message_size(),
+            max_recipients: default_max_recipients(),
+            max_connections: default_max_connections(),
+            idle_timeout_secs: default_idle_timeout(),
+            tls_handshake_timeout_secs: default_tls_handshake_timeout(),
+        }
+    }
+}
+
+fn default_hostname() -> String {
+    "localhost".into()
+}
+fn default_project_header() -> String {
+    "X-Project-Id".into()
+}
+fn default_max_message_size() -> usize {
+    25 * 1024 * 1024
+}
+fn default_max_recipients() -> usize {
+    100
+}
+fn default_max_connections() -> usize {
+    1000
+}
+fn default_idle_timeout() -> u64 {
+    300
+}
+fn default_tls_handshake_timeout() -> u64 {
+    10
+}
+fn default_true() -> bool {
+    true
+}
+fn default_timeout_secs() -> u64 {
+    30
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(rename = "allowProjectSmtp", default = "default_true")]
+    allow_project_smtp: bool,
+    #[serde(rename = "supportEmail")]
+    support_email: Option<String>,
+    #[serde(rename = "approvedSenderEmails")]
+    approved_sender_emails: Option<Value>,
+    smtp: Option<RawServerSmtp>,
+    capture: Option<RawCapture>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            allow_project_smtp: true,
+            support_email: None,
+            approved_sender_emails: None,
+            smtp: None,
+            capture: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerSmtp {
+    host: String,
+    port: u16,
+    username: Option<String>,
+    password: Option<Secret>,
+    secure: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapture {
+    dir: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    ca_file: Option<PathBuf>,
+    #[serde(default = "default_timeout_secs")]
+    timeout_secs: u64,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            ca_file: None,
+            timeout_secs: default_timeout_secs(),
+        }
+    }
+}
+
+/// A project's secrets as written: every value kept untyped so that a wrong type marks the
+/// project misconfigured instead of failing the whole file (and is never echoed).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProject {
+    #[serde(rename = "smtpHost")]
+    smtp_host: Option<Value>,
+    #[serde(rename = "smtpPort")]
+    smtp_port: Option<Value>,
+    #[serde(rename = "smtpUsername")]
+    smtp_username: Option<Value>,
+    #[serde(rename = "smtpPassword")]
+    smtp_password: Option<Value>,
+    #[serde(rename = "smtpSecure")]
+    smtp_secure: Option<Value>,
+    #[serde(rename = "smtpFromAddress")]
+    smtp_from_address: Option<Value>,
+    #[serde(rename = "smtpApprovedSenders")]
+    smtp_approved_senders: Option<Value>,
+    #[serde(rename = "appName")]
+    app_name: Option<Value>,
+}
+
+// ----- the validated config -----
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listener: Listener,
+    pub server: Server,
+    pub upstream: Upstream,
+    pub projects: BTreeMap<String, Project>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub smtp: Option<String>,
+    pub smtps: Option<String>,
+    pub tls: Option<TlsFiles>,
+    pub hostname: String,
+    pub project_header: String,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub allow_project_smtp: bool,
+    pub support_email: Option<Mailbox>,
+    pub approved_sender_emails: ApprovedList,
+    pub provider: Option<Provider>,
+}
+
+/// Where the server-wide mail goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Provider {
+    Smtp(SmtpTarget),
+    Capture(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// Implicit TLS from the first byte (`secure = true`, or port 465 when unset).
+    Implicit,
+    /// STARTTLS when the upstream offers it.
+    StartTls,
+}
+
+impl TlsMode {
+    fn infer(secure: Option<bool>, port: u16) -> TlsMode {
+        if secure.unwrap_or(port == 465) {
+            TlsMode::Implicit
+        } else {
+            TlsMode::StartTls
+        }
+    }
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsMode::Implicit => "tls",
+            TlsMode::StartTls => "starttls",
+        })
+    }
+}
+
+/// One upstream SMTP relay and the credentials to use there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SmtpTarget {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub credentials: Option<(String, SecretKey)>,
+}
+
+/// A secret usable as part of a pool key: equal secrets share a pool, changed ones do not.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SecretKey(String);
+
+impl SecretKey {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for SmtpTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{} ({})", self.host, self.port, self.tls)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub ca_file: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub app_name: Option<String>,
+    pub smtp: ProjectSmtp,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProjectSmtp {
+    /// No `smtpHost`: the project's mail uses the server provider.
+    None,
+    Active(ProjectRelay),
+    /// `smtpHost` set but entries missing or invalid: `(entry, why)` for each.
+    Misconfigured(Vec<(&'static str, String)>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ProjectRelay {
+    pub target: SmtpTarget,
+    pub from: Mailbox,
+    pub approved: ApprovedList,
+}
+
+// ----- errors -----
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Reads and validates a config file; relative paths in it are taken from its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_toml_str(&text, base).map_err(|e| match e {
+            ConfigError::Invalid(problems) => ConfigError::Invalid(
+                problems
+                    .into_iter()
+                    .map(|p| format!("{}: {p}", path.display()))
+                    .collect(),
+            ),
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text; relative paths are resolved against `base`.
+    pub fn from_toml_str(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // Only the message and line, never the source snippet, which may hold a secret.
+            let line = e
+                .span()
+                .map(|s| format!("line {}: ", text[..s.start].matches('\n').count() + 1))
+                .unwrap_or_default();
+            ConfigError::Invalid(vec![format!("{line}{}", e.message().trim())])
+        })?;
+        let mut problems = Vec::new();
+        let config = validate(raw, base, &mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+fn resolve(base: &Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() { p } else { base.join(p) }
+}
+
+fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
+    let l = raw.listener;
+    if l.smtp.is_none() && l.smtps.is_none() {
+        problems.push("listener: set smtp or smtps (or both)".into());
+    }
+    let tls = match (l.certificate, l.private_key) {
+        (Some(c), Some(k)) => Some(TlsFiles {
+            certificate: resolve(base, c),
+            private_key: resolve(base, k),
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            problems.push("listener.private_key: required with listener.certificate".into());
+            None
+        }
+        (None, Some(_)) => {
+            problems.push("listener.certificate: required with listener.private_key".into());
+            None
+        }
+    };
+    if l.smtps.is_some() && tls.is_none() {
+        problems.push("listener.smtps: needs listener.certificate and listener.private_key".into());
+    }
+    if l.hostname.is_empty() || l.hostname.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        problems.push("listener.hostname: must be a host name without spaces".into());
+    }
+    let header_ok = !l.project_header.is_empty()
+        && l.project_header
+            .bytes()
+            .all(|b| (33..=126).contains(&b) && b != b':');
+    if !header_ok {
+        problems.push("listener.project_header: must be a header field name".into());
+    }
+    for (key, value) in [
+        ("listener.max_message_size", l.max_message_size as u64),
+        ("listener.max_recipients", l.max_recipients as u64),
+        ("listener.max_connections", l.max_connections as u64),
+        ("listener.idle_timeout_secs", l.idle_timeout_secs),
+        ("listener.tls_handshake_timeout_secs", l.tls_handshake_timeout_secs),
+        ("upstream.timeout_secs", raw.upstream.timeout_secs),
+    ] {
+        if value == 0 {
+            problems.push(format!("{key}: must be greater than 0"));
+        }
+    }
+
+    let s = raw.server;
+    let support_email = s.support_email.as_deref().and_then(|v| {
+        let mb = address::parse_one(v);
+        if mb.is_none() {
+            problems.push("server.supportEmail: must be one email address".into());
+        }
+        mb
+    });
+    let approved_sender_emails = match &s.approved_sender_emails {
+        None => ApprovedList::default(),
+        Some(v) => address_list(v).unwrap_or_else(|| {
+            problems.push(
+                "server.approvedSenderEmails: must be a comma-separated string or an array of strings"
+                    .into(),
+            );
+            ApprovedList::default()
+        }),
+    };
+    let provider = match (s.smtp, s.capture) {
+        (Some(_), Some(_)) => {
+            problems.push("server: set one of [server.smtp] and [server.capture], not both".into());
+            None
+        }
+        (Some(smtp), None) => {
+            if smtp.host.trim().is_empty() {
+                problems.push("server.smtp.host: must not be empty".into());
+            }
+            if smtp.port == 0 {
+                problems.push("server.smtp.port: must be 1..65535".into());
+            }
+            let credentials = match (smtp.username, smtp.password) {
+                (Some(u), Some(p)) => Some((u, SecretKey(p.expose().to_owned()))),
+                (None, None) => None,
+                (Some(_), None) => {
+                    problems.push("server.smtp.password: required with server.smtp.username".into());
+                    None
+                }
+                (None, Some(_)) => {
+                    problems.push("server.smtp.username: required with server.smtp.password".into());
+                    None
+                }
+            };
+            Some(Provider::Smtp(SmtpTarget {
+                host: smtp.host.trim().to_owned(),
+                port: smtp.port,
+                tls: TlsMode::infer(smtp.secure, smtp.port),
+                credentials,
+            }))
+        }
+        (None, Some(c)) => Some(Provider::Capture(resolve(base, c.dir))),
+        (None, None) => None,
+    };
+
+    let projects = raw
+        .projects
+        .into_iter()
+        .map(|(name, p)| {
+            if name.trim().is_empty() || name.chars().any(|c| c.is_control()) {
+                problems.push(format!("projects.{name:?}: invalid project name"));
+            }
+            (name, validate_project(p))
+        })
+        .collect();
+
+    Config {
+        listener: Listener {
+            smtp: l.smtp,
+            smtps: l.smtps,
+            tls,
+            hostname: l.hostname,
+            project_header: l.project_header,
+            max_message_size: l.max_message_size,
+            max_recipients: l.max_recipients,
+            max_connections: l.max_connections,
+            idle_timeout: Duration::from_secs(l.idle_timeout_secs),
+            tls_handshake_timeout: Duration::from_secs(l.tls_handshake_timeout_secs),
+        },
+        server: Server {
+            allow_project_smtp: s.allow_project_smtp,
+            support_email,
+            approved_sender_emails,
+            provider,
+        },
+        upstream: Upstream {
+            ca_file: raw.upstream.ca_file.map(|p| resolve(base, p)),
+            timeout: Duration::from_secs(raw.upstream.timeout_secs),
+        },
+        projects,
+    }
+}
+
+/// The spec's rules for a project's secrets, with every bad entry named.
+fn validate_project(p: RawProject) -> Project {
+    let mut bad: Vec<(&'static str, String)> = Vec::new();
+    let app_name = match &p.app_name {
+        Some(Value::String(s)) if !s.chars().any(char::is_control) => {
+            Some(s.trim().to_owned()).filter(|s| !s.is_empty())
+        }
+        Some(_) => {
+            bad.push(("appName", "must be a string without control characters".into()));
+            None
+        }
+        None => None,
+    };
+    let Some(host) = &p.smtp_host else {
+        return Project {
+            app_name,
+            smtp: ProjectSmtp::None,
+        };
+    };
+
+    let mut required_string = |name: &'static str, v: &Option<Value>| -> Option<String> {
+        match v {
+            None => {
+                bad.push((name, "missing".into()));
+                None
+            }
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+            Some(Value::String(_)) => {
+                bad.push((name, "empty".into()));
+                None
+            }
+            Some(_) => {
+                bad.push((name, "must be a string".into()));
+                None
+            }
+        }
+    };
+    let host = required_string("smtpHost", &Some(host.clone()));
+    let username = required_string("smtpUsername", &p.smtp_username);
+    // The password is compared as written: leading spaces may be part of it.
+    let password = match &p.smtp_password {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::String(_)) => {
+            bad.push(("smtpPassword", "empty".into()));
+            None
+        }
+        Some(_) => {
+            bad.push(("smtpPassword", "must be a string".into()));
+            None
+        }
+        None => {
+            bad.push(("smtpPassword", "missing".into()));
+            None
+        }
+    };
+    let port = match &p.smtp_port {
+        Some(Value::Integer(n)) if (1..=65535).contains(n) => Some(*n as u16),
+        Some(_) => {
+            bad.push(("smtpPort", "must be an integer in 1..65535".into()));
+            None
+        }
+        None => {
+            bad.push(("smtpPort", "missing".into()));
+            None
+        }
+    };
+    let secure = match &p.smtp_secure {
+        None => None,
+        Some(Value::Boolean(b)) => Some(*b),
+        Some(_) => {
+            bad.push(("smtpSecure", "must be true or false".into()));
+            None
+        }
+    };
+    let from = match &p.smtp_from_address {
+        None => {
+            bad.push(("smtpFromAddress", "missing".into()));
+            None
+        }
+        Some(Value::String(s)) => {
+            let mb = address::parse_one(s);
+            if mb.is_none() {
+                bad.push(("smtpFromAddress", "must be one email address".into()));
+            }
+            mb
+        }
+        Some(_) => {
+            bad.push(("smtpFromAddress", "must be a string".into()));
+            None
+        }
+    };
+    let approved = match &p.smtp_approved_senders {
+        None => Some(ApprovedList::default()),
+        Some(v) => {
+            let list = address_list(v);
+            if list.is_none() {
+                bad.push((
+                    "smtpApprovedSenders",
+                    "must be a comma-separated string or an array of strings".into(),
+                ));
+            }
+            list
+        }
+    };
+
+    let smtp = match (host, port, username, password, from, approved) {
+        (Some(host), Some(port), Some(user), Some(pass), Some(from), Some(approved))
+            if bad.is_empty() =>
+        {
+            ProjectSmtp::Active(ProjectRelay {
+                target: SmtpTarget {
+                    host,
+                    port,
+                    tls: TlsMode::infer(secure, port),
+                    credentials: Some((user, SecretKey(pass))),
+                },
+                from,
+                approved,
+            })
+        }
+        _ => ProjectSmtp::Misconfigured(bad),
+    };
+    Project { app_name, smtp }
+}
+
+impl ProjectSmtp {
+    /// The entry names for the client's 4.3.5 reply.
+    pub fn bad_entries(&self) -> Vec<String> {
+        match self {
+            ProjectSmtp::Misconfigured(bad) => bad.iter().map(|(n, _)| (*n).to_owned()).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// One line per project for `check`: how its mail would travel, or what is wrong.
+    pub fn check_report(&self) -> Vec<(String, Result<String, String>)> {
+        self.projects
+            .iter()
+            .map(|(name, p)| {
+                let line = match &p.smtp {
+                    _ if !self.server.allow_project_smtp => {
+                        Ok("server transport (allowProjectSmtp = false)".to_owned())
+                    }
+                    ProjectSmtp::None => Ok("server transport".to_owned()),
+                    ProjectSmtp::Active(r) => Ok(format!(
+                        "ok: smtp via {}:{} ({})",
+                        r.target.host, r.target.port, r.target.tls
+                    )),
+                    ProjectSmtp::Misconfigured(bad) => Err(format!(
+                        "error: {}",
+                        bad.iter()
+                            .map(|(n, why)| format!("{n} {why}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                };
+                (name.clone(), line)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, Path::new("/etc/relay"))
+    }
+
+    fn problems(text: &str) -> String {
+        parse(text).expect_err("should be invalid").to_string()
+    }
+
+    const FULL: &str = r#"
+[listener]
+smtp = "127.0.0.1:2525"
+smtps = "127.0.0.1:2465"
+certificate = "certs/localhost.crt"
+private_key = "certs/localhost.key"
+hostname = "relay.localhost"
+project_header = "X-Project-Id"
+max_message_size = 26214400
+
+[server]
+allowProjectSmtp = true
+supportEmail = "Example <noreply@example.com>"
+approvedSenderEmails = "alerts@example.com,billing@example.com"
+
+[server.smtp]
+host = "smtp.example.com"
+port = 587
+username = "u"
+password = "p"
+secure = false
+
+[upstream]
+ca_file = "certs/ca.crt"
+timeout_secs = 30
+
+[projects.acme]
+smtpHost = "smtp.sendgrid.net"
+smtpPort = 465
+smtpUsername = "apikey"
+smtpPassword = "secret"
+smtpSecure = true
+smtpFromAddress = "Acme <noreply@acme.example>"
+smtpApprovedSenders = "alice@acme.example, bob@acme.example"
+appName = "Acme Health"
+"#;
+
+    #[test]
+    fn the_issue_example_loads() {
+        let c = parse(FULL).unwrap();
+        assert_eq!(c.listener.hostname, "relay.localhost");
+        assert_eq!(c.listener.max_message_size, 26214400);
+        assert_eq!(
+            c.listener.tls.as_ref().unwrap().certificate,
+            Path::new("/etc/relay/certs/localhost.crt")
+        );
+        assert_eq!(c.server.approved_sender_emails.len(), 2);
+        assert_eq!(
+            c.server.provider,
+            Some(Provider::Smtp(SmtpTarget {
+                host: "smtp.example.com".into(),
+                port: 587,
+                tls: TlsMode::StartTls,
+                credentials: Some(("u".into(), SecretKey("p".into()))),
+            }))
+        );
+        let ProjectSmtp::Active(r) = &c.projects["acme"].smtp else {
+            panic!("acme should be active")
+        };
+        assert_eq!(r.target.tls, TlsMode::Implicit);
+        assert_eq!(r.from.address, "noreply@acme.example");
+        assert!(r.approved.contains("Bob@acme.example"));
+        assert_eq!(c.projects["acme"].app_name.as_deref(), Some("Acme Health"));
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.listener.smtp.as_deref(), Some("127.0.0.1:2525"));
+        assert_eq!(c.listener.project_header, "X-Project-Id");
+        assert!(c.server.allow_project_smtp);
+        assert!(c.server.provider.is_none());
+        assert_eq!(c.upstream.timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_their_line() {
+        let text = "[projects.acme]\nsmtpHots = \"x\"\n";
+        let msg = problems(text);
+        assert!(msg.contains("line 2"), "{msg}");
+        assert!(msg.contains("smtpHots"), "{msg}");
+        assert!(problems("[listener]\nsmtpp = \"x\"\n").contains("smtpp"));
+        assert!(problems("[server]\nallowProjectSMTP = false\n").contains("allowProjectSMTP"));
+    }
+
+    #[test]
+    fn errors_never_echo_secrets() {
+        let msg = problems("[projects.acme]\nsmtpPasword = \"hunter2-secret\"\n");
+        assert!(msg.contains("smtpPasword") && !msg.contains("hunter2"), "{msg}");
+        let msg = problems("[server.smtp]\nhost = \"h\"\nport = 25\npassword = 987654321\n");
+        assert!(msg.contains("must be a string") && !msg.contains("987654321"), "{msg}");
+        let msg = problems("[server.smtp]\nhost = \"h\"\nport = 25\nusername = \"u\"\npassword = \"hunter2\"\nbogus = 1\n");
+        assert!(!msg.contains("hunter2"), "{msg}");
+    }
+
+    #[test]
+    fn debug_output_hides_passwords() {
+        let c = parse(FULL).unwrap();
+        let dump = format!("{c:?}");
+        assert!(!dump.contains("secret\""), "{dump}");
+        assert!(!dump.contains("\"p\""), "{dump}");
+        assert!(format!("{:?}", Secret::new("hunter2")) == "Secret(***)");
+    }
+
+    fn project(body: &str) -> Project {
+        parse(&format!("[projects.p]\n{body}")).unwrap().projects["p"].clone()
+    }
+
+    const GOOD: &str = "smtpHost = \"h.example\"\nsmtpPort = 587\nsmtpUsername = \"u\"\nsmtpPassword = \"pw\"\nsmtpFromAddress = \"a@p.example\"\n";
+
+    #[test]
+    fn project_without_host_uses_server() {
+        assert!(matches!(project("appName = \"X\"").smtp, ProjectSmtp::None));
+    }
+
+    #[test]
+    fn project_secure_inferred_from_port() {
+        let ProjectSmtp::Active(r) = project(GOOD).smtp else { panic!() };
+        assert_eq!(r.target.tls, TlsMode::StartTls);
+        let ProjectSmtp::Active(r) = project(&GOOD.replace("587", "465")).smtp else { panic!() };
+        assert_eq!(r.target.tls, TlsMode::Implicit);
+        let ProjectSmtp::Active(r) = project(&format!("{GOOD}smtpSecure = false")).smtp else {
+            panic!()
+        };
+        assert_eq!(r.target.tls, TlsMode::StartTls);
+    }
+
+    #[test]
+    fn each_bad_entry_is_named() {
+        // (entry to drop from GOOD, line to add instead, entry expected to be named)
+        let cases: &[(&str, &str, &str)] = &[
+            ("smtpPort", "", "smtpPort"),
+            ("smtpPort", "smtpPort = \"587\"", "smtpPort"),
+            ("smtpPort", "smtpPort = 0", "smtpPort"),
+            ("smtpPort", "smtpPort = 70000", "smtpPort"),
+            ("smtpUsername", "", "smtpUsername"),
+            ("smtpUsername", "smtpUsername = \"  \"", "smtpUsername"),
+            ("smtpPassword", "", "smtpPassword"),
+            ("smtpPassword", "smtpPassword = 5", "smtpPassword"),
+            ("smtpFromAddress", "", "smtpFromAddress"),
+            ("smtpFromAddress", "smtpFromAddress = \"nope\"", "smtpFromAddress"),
+            ("smtpHost", "smtpHost = \"\"", "smtpHost"),
+            ("smtpHost", "smtpHost = 7", "smtpHost"),
+        ];
+        for (drop, add, name) in cases {
+            let mut body: String = GOOD
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{drop} ")))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            body.push_str(add);
+            let p = project(&body);
+            assert_eq!(p.smtp.bad_entries(), vec![name.to_string()], "{body}");
+        }
+        let p = project(&format!("{GOOD}smtpSecure = \"yes\"\nsmtpApprovedSenders = 3\n"));
+        assert_eq!(p.smtp.bad_entries(), ["smtpSecure", "smtpApprovedSenders"]);
+        let p = project("smtpHost = \"h\"\n");
+        assert_eq!(
+            p.smtp.bad_entries(),
+            ["smtpUsername", "smtpPassword", "smtpPort", "smtpFromAddress"]
+        );
+    }
+
+    #[test]
+    fn approved_list_may_be_an_array() {
+        let ProjectSmtp::Active(r) =
+            project(&format!("{GOOD}smtpApprovedSenders = [\"x@p.example\", \" y@p.example \"]")).smtp
+        else {
+            panic!()
+        };
+        assert!(r.approved.contains("y@p.example"));
+    }
+
+    #[test]
+    fn check_report_lines() {
+        let c = parse(&format!(
+            "{FULL}\n[projects.beta]\nappName = \"B\"\n[projects.broken]\nsmtpHost = \"x\"\nsmtpPassword = \"topsecret\"\n"
+        ))
+        .unwrap();
+        let report = c.check_report();
+        assert_eq!(report[0], ("acme".into(), Ok("ok: smtp via smtp.sendgrid.net:465 (tls)".into())));
+        assert_eq!(report[1], ("beta".into(), Ok("server transport".into())));
+        let (_, Err(e)) = &report[2] else { panic!() };
+        assert!(e.starts_with("error: smtpUsername missing"), "{e}");
+        assert!(!e.contains("topsecret"));
+    }
+
+    #[test]
+    fn structural_problems_are_all_reported() {
+        let msg = problems(
+            "[listener]\nsmtps = \"127.0.0.1:1\"\nhostname = \"a b\"\n[server]\nsupportEmail = \"x\"\n[server.smtp]\nhost = \"h\"\nport = 25\n[server.capture]\ndir = \"o\"\n",
+        );
+        for key in ["listener.smtps", "listener.hostname", "server.supportEmail", "server: set one"] {
+            assert!(msg.contains(key), "{key} missing from {msg}");
+        }
+    }
+}
