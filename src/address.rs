@@ -48,8 +48,8 @@ fn render_display_name(name: &str) -> String {
 }
 
 /// Parses a header value (the bytes after the colon, folding included) into its mailboxes.
-/// Groups count with their members, so a group never passes as a single sender.
-pub fn parse_list(value: &[u8]) -> Vec<Mailbox> {
+/// `None` for a group (`team: a@x;`), which a From field may not hold (RFC 5322 §3.6.2).
+pub fn parse_list(value: &[u8]) -> Option<Vec<Mailbox>> {
     let mut owned;
     let value = if value.ends_with(b"\n") {
         value
@@ -61,18 +61,17 @@ pub fn parse_list(value: &[u8]) -> Vec<Mailbox> {
     };
     let addrs = match MessageStream::new(value).parse_address() {
         HeaderValue::Address(Address::List(list)) => list,
-        HeaderValue::Address(Address::Group(groups)) => {
-            groups.into_iter().flat_map(|g| g.addresses).collect()
-        }
+        HeaderValue::Address(Address::Group(_)) => return None,
         _ => Vec::new(),
     };
-    addrs
+    let list = addrs
         .into_iter()
         .map(|a| Mailbox {
             name: a.name.map(|n| n.into_owned()),
             address: a.address.map(|a| a.into_owned()).unwrap_or_default(),
         })
-        .collect()
+        .collect();
+    Some(list)
 }
 
 /// Parses exactly one mailbox with a plausible address, as config values need.
@@ -80,7 +79,7 @@ pub fn parse_one(value: &str) -> Option<Mailbox> {
     if value.chars().any(|c| c.is_control()) {
         return None;
     }
-    let mut list = parse_list(value.as_bytes());
+    let mut list = parse_list(value.as_bytes())?;
     if list.len() != 1 {
         return None;
     }
@@ -159,15 +158,16 @@ mod tests {
 
     #[test]
     fn parses_folded_and_encoded_values() {
-        let list = parse_list(b" =?UTF-8?B?SsO2cmc=?=\r\n <jorg@x.example>\r\n");
+        let list = parse_list(b" =?UTF-8?B?SsO2cmc=?=\r\n <jorg@x.example>\r\n").unwrap();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].name.as_deref(), Some("Jörg"));
         assert_eq!(list[0].address, "jorg@x.example");
     }
 
     #[test]
-    fn groups_count_their_members() {
-        assert_eq!(parse_list(b" team: a@x.example, b@x.example;\r\n").len(), 2);
+    fn groups_are_not_mailbox_lists() {
+        assert_eq!(parse_list(b" team: a@x.example;\r\n"), None);
+        assert_eq!(parse_list(b" a@x.example, b@x.example\r\n").unwrap().len(), 2);
     }
 
     #[test]

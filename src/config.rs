@@ -407,9 +407,9 @@ fn resolve(base: &Path, p: PathBuf) -> PathBuf {
 }
 
 fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
-    let l = raw.listener;
+    let mut l = raw.listener;
     if l.smtp.is_none() && l.smtps.is_none() {
-        problems.push("listener: set smtp or smtps (or both)".into());
+        l.smtp = RawListener::default().smtp;
     }
     let tls = match (l.certificate, l.private_key) {
         (Some(c), Some(k)) => Some(TlsFiles {

@@ -1,3 +1,4 @@
 pub mod address;
 pub mod config;
+pub mod policy;
 pub mod smtp;

@@ -1,0 +1,514 @@
+//! The Project SMTP rules as pure code: which project a message belongs to, which transport
+//! carries it, which From it leaves with, and the header edits that follow. Header edits are
+//! byte splices over the received message: every byte outside the edited fields is kept.
+
+use crate::address::{self, ApprovedList, Mailbox};
+use crate::config::{Config, ProjectSmtp, Provider, SmtpTarget};
+use crate::smtp::Reply;
+
+/// Where a message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport<'c> {
+    /// The project's own relay (`smtpHost`).
+    Project { name: &'c str, target: &'c SmtpTarget },
+    /// The server-wide provider.
+    Server(&'c Provider),
+}
+
+#[derive(Debug)]
+pub struct Decision<'c> {
+    /// The project the message named, when it names one we know.
+    pub project: Option<&'c str>,
+    pub transport: Transport<'c>,
+    /// MAIL FROM upstream: the resolved From's bare address.
+    pub envelope_from: String,
+    /// The caller's From field value(s) as received, unfolded, for logs and capture.
+    pub original_from: Option<String>,
+    pub resolved_from: String,
+    pub from_rewritten: bool,
+    /// The message as it goes upstream.
+    pub message: Vec<u8>,
+}
+
+/// One header field: `start..end` covers the name through the CRLF of its last line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Field {
+    start: usize,
+    colon: usize,
+    end: usize,
+}
+
+impl Field {
+    fn name<'a>(&self, data: &'a [u8]) -> &'a [u8] {
+        trim_wsp_end(&data[self.start..self.colon])
+    }
+    fn value<'a>(&self, data: &'a [u8]) -> &'a [u8] {
+        &data[self.colon + 1..self.end]
+    }
+    fn is(&self, data: &[u8], name: &str) -> bool {
+        self.name(data).eq_ignore_ascii_case(name.as_bytes())
+    }
+}
+
+fn trim_wsp_end(b: &[u8]) -> &[u8] {
+    let n = b.iter().rposition(|c| *c != b' ' && *c != b'\t').map_or(0, |i| i + 1);
+    &b[..n]
+}
+
+/// Splits the header section (RFC 5322 §2.2) into fields; it ends at the first empty line or
+/// at the end of the message. A line that is neither a field nor a continuation means we
+/// cannot know what we would be editing, so the message is refused.
+fn header_fields(data: &[u8]) -> Result<Vec<Field>, Reply> {
+    let mut fields: Vec<Field> = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let line_end = memchr::memchr(b'\n', &data[pos..]).map_or(data.len(), |i| pos + i + 1);
+        let line = &data[pos..line_end];
+        let content = line.strip_suffix(b"\n").unwrap_or(line);
+        let content = content.strip_suffix(b"\r").unwrap_or(content);
+        if content.is_empty() {
+            break;
+        }
+        if content[0] == b' ' || content[0] == b'\t' {
+            let last = fields.last_mut().ok_or(Reply::BAD_HEADER)?;
+            last.end = line_end;
+        } else {
+            let colon = memchr::memchr(b':', content).ok_or(Reply::BAD_HEADER)?;
+            let name = trim_wsp_end(&content[..colon]);
+            if name.is_empty() || !name.iter().all(|b| (33..=126).contains(b)) {
+                return Err(Reply::BAD_HEADER);
+            }
+            fields.push(Field {
+                start: pos,
+                colon: pos + colon,
+                end: line_end,
+            });
+        }
+        pos = line_end;
+    }
+    Ok(fields)
+}
+
+/// A header value with its folding removed and outer white space trimmed.
+fn unfold(value: &[u8]) -> String {
+    let s = String::from_utf8_lossy(value);
+    s.replace("\r\n", "").replace('\n', "").trim().to_owned()
+}
+
+/// Applies the Project SMTP rules to one message.
+pub fn decide<'c>(config: &'c Config, data: &[u8]) -> Result<Decision<'c>, Reply> {
+    let header = &config.listener.project_header;
+    let fields = header_fields(data)?;
+
+    let project_fields: Vec<&Field> = fields.iter().filter(|f| f.is(data, header)).collect();
+    if project_fields.len() > 1 {
+        return Err(Reply::duplicate_project_header(header));
+    }
+    let project_id = match project_fields.first() {
+        None => None,
+        Some(f) => {
+            let raw = f.value(data);
+            if raw.contains(&0) {
+                return Err(Reply::bad_project_header(header));
+            }
+            Some(unfold(raw)).filter(|v| !v.is_empty())
+        }
+    };
+    let project = project_id
+        .as_deref()
+        .and_then(|id| config.projects.get_key_value(id));
+
+    // Which transport, and with it which default From and which approved list.
+    let (transport, default_from, approved, app_name) = match project {
+        Some((name, p)) if config.server.allow_project_smtp => match &p.smtp {
+            ProjectSmtp::Active(relay) => (
+                Transport::Project {
+                    name,
+                    target: &relay.target,
+                },
+                Some(&relay.from),
+                &relay.approved,
+                p.app_name.as_deref(),
+            ),
+            ProjectSmtp::Misconfigured(_) => {
+                return Err(Reply::project_misconfigured(name, &p.smtp.bad_entries()));
+            }
+            ProjectSmtp::None => server_route(config)?,
+        },
+        _ => server_route(config)?,
+    };
+
+    let from_fields: Vec<&Field> = fields.iter().filter(|f| f.is(data, "From")).collect();
+    let original_from = (!from_fields.is_empty()).then(|| {
+        from_fields
+            .iter()
+            .map(|f| unfold(f.value(data)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    let caller = match from_fields.as_slice() {
+        [only] => approved_sender(only.value(data), approved),
+        _ => None,
+    };
+    let kept_verbatim = caller.as_ref().is_some_and(|mb| mb.name.is_some() || app_name.is_none());
+    let resolved = match caller {
+        Some(mb) => mb,
+        None => default_from.cloned().ok_or(Reply::NO_SERVER_SENDER)?,
+    };
+    let resolved = match (&resolved.name, app_name) {
+        (None, Some(app)) => resolved.with_name(Some(app)),
+        _ => resolved,
+    };
+    let envelope_from = resolved.address.clone();
+    let resolved_from = resolved.render();
+
+    // Splice: drop the project header, keep or replace the one From, normalise Sender.
+    let mut out = Vec::with_capacity(data.len() + resolved_from.len() + 16);
+    let mut copied = 0;
+    if from_fields.is_empty() {
+        push_field(&mut out, "From", &resolved_from);
+    }
+    let mut from_done = false;
+    let mut sender_done = false;
+    for f in &fields {
+        let replacement = if f.is(data, header) {
+            Some(None)
+        } else if f.is(data, "From") {
+            let first = !std::mem::replace(&mut from_done, true);
+            match (first, kept_verbatim) {
+                (true, true) => None,
+                (true, false) => Some(Some(("From", resolved_from.as_str()))),
+                (false, _) => Some(None),
+            }
+        } else if f.is(data, "Sender") {
+            let first = !std::mem::replace(&mut sender_done, true);
+            Some(first.then_some(("Sender", envelope_from.as_str())))
+        } else {
+            None
+        };
+        if let Some(replacement) = replacement {
+            out.extend_from_slice(&data[copied..f.start]);
+            if let Some((name, value)) = replacement {
+                push_field(&mut out, name, value);
+            }
+            copied = f.end;
+        }
+    }
+    out.extend_from_slice(&data[copied..]);
+
+    Ok(Decision {
+        project: project.map(|(name, _)| name.as_str()),
+        transport,
+        envelope_from,
+        original_from,
+        resolved_from,
+        from_rewritten: !kept_verbatim,
+        message: out,
+    })
+}
+
+type Route<'c> = (
+    Transport<'c>,
+    Option<&'c Mailbox>,
+    &'c ApprovedList,
+    Option<&'c str>,
+);
+
+fn server_route(config: &Config) -> Result<Route<'_>, Reply> {
+    let provider = config
+        .server
+        .provider
+        .as_ref()
+        .ok_or(Reply::NO_SERVER_PROVIDER)?;
+    Ok((
+        Transport::Server(provider),
+        config.server.support_email.as_ref(),
+        &config.server.approved_sender_emails,
+        None,
+    ))
+}
+
+/// The caller's From, if it holds exactly one address and that address is approved.
+fn approved_sender(value: &[u8], approved: &ApprovedList) -> Option<Mailbox> {
+    let mut list = address::parse_list(value)?;
+    if list.len() != 1 {
+        return None;
+    }
+    let mb = list.pop()?;
+    (address::is_plausible_address(&mb.address) && approved.contains(&mb.address)).then_some(mb)
+}
+
+fn push_field(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const CONFIG: &str = r#"
+[server]
+supportEmail = "Example <noreply@example.com>"
+approvedSenderEmails = "alerts@example.com, billing@example.com"
+[server.capture]
+dir = "outbox"
+
+[projects.acme]
+smtpHost = "smtp.acme.example"
+smtpPort = 465
+smtpUsername = "apikey"
+smtpPassword = "secret"
+smtpFromAddress = "Acme <noreply@acme.example>"
+smtpApprovedSenders = "alice@acme.example, bob@acme.example"
+
+[projects.health]
+smtpHost = "smtp.health.example"
+smtpPort = 587
+smtpUsername = "u"
+smtpPassword = "p"
+smtpFromAddress = "noreply@health.example"
+smtpApprovedSenders = "carol@health.example"
+appName = "Acme Health"
+
+[projects.plain]
+appName = "Plain"
+
+[projects.broken]
+smtpHost = "smtp.broken.example"
+smtpPort = "587"
+smtpUsername = "u"
+"#;
+
+    fn config(extra: &str) -> Config {
+        Config::from_toml_str(&format!("{extra}\n{CONFIG}"), Path::new(".")).unwrap()
+    }
+
+    fn run(c: &Config, msg: &str) -> Result<(Decision<'static>, String), Reply> {
+        // Leak: tests only, keeps the borrow simple.
+        let c: &'static Config = Box::leak(Box::new(c.clone()));
+        decide(c, msg.as_bytes()).map(|d| {
+            let text = String::from_utf8(d.message.clone()).unwrap();
+            (d, text)
+        })
+    }
+
+    fn project_of<'a>(d: &Decision<'a>) -> Option<&'a str> {
+        match d.transport {
+            Transport::Project { name, .. } => Some(name),
+            Transport::Server(_) => None,
+        }
+    }
+
+    #[test]
+    fn project_header_routes_to_project_relay() {
+        let c = config("");
+        let (d, out) = run(&c, "X-Project-Id: acme\r\nFrom: alice@acme.example\r\nSubject: s\r\n\r\nbody\r\n").unwrap();
+        assert_eq!(project_of(&d), Some("acme"));
+        assert_eq!(out, "From: alice@acme.example\r\nSubject: s\r\n\r\nbody\r\n");
+        assert_eq!(d.envelope_from, "alice@acme.example");
+        assert!(!d.from_rewritten);
+    }
+
+    #[test]
+    fn header_name_is_case_insensitive_and_value_trimmed() {
+        let c = config("");
+        let (d, out) = run(&c, "x-project-ID:   acme  \r\nSubject: s\r\n\r\nb\r\n").unwrap();
+        assert_eq!(project_of(&d), Some("acme"));
+        assert!(!out.to_ascii_lowercase().contains("x-project-id"));
+        // Folded value.
+        let (d, _) = run(&c, "X-Project-Id:\r\n acme\r\n\r\nb\r\n").unwrap();
+        assert_eq!(project_of(&d), Some("acme"));
+    }
+
+    #[test]
+    fn custom_project_header() {
+        let c = config("[listener]\nproject_header = \"X-Tenant\"");
+        let (d, out) = run(&c, "X-Tenant: acme\r\nX-Project-Id: other\r\n\r\nb\r\n").unwrap();
+        assert_eq!(project_of(&d), Some("acme"));
+        assert!(out.contains("X-Project-Id: other\r\n"));
+    }
+
+    #[test]
+    fn two_project_headers_refused() {
+        let c = config("");
+        let r = run(&c, "X-Project-Id: acme\r\nX-PROJECT-ID: acme\r\n\r\nb\r\n").unwrap_err();
+        assert_eq!((r.code, r.enhanced.as_deref()), (550, Some("5.7.1")));
+    }
+
+    #[test]
+    fn server_routes() {
+        let c = config("");
+        for msg in [
+            "Subject: no header\r\n\r\nb\r\n",
+            "X-Project-Id: unknown\r\n\r\nb\r\n",
+            "X-Project-Id: plain\r\n\r\nb\r\n",
+            "X-Project-Id: \r\n\r\nb\r\n",
+        ] {
+            let (d, out) = run(&c, msg).unwrap();
+            assert!(matches!(d.transport, Transport::Server(_)), "{msg}");
+            assert_eq!(d.envelope_from, "noreply@example.com");
+            assert!(out.starts_with("From: Example <noreply@example.com>\r\n"), "{out}");
+            assert!(!out.contains("X-Project-Id"));
+        }
+    }
+
+    #[test]
+    fn allow_project_smtp_false_sends_all_through_server() {
+        let mut c = config("");
+        c.server.allow_project_smtp = false;
+        for id in ["acme", "broken"] {
+            let (d, out) = run(&c, &format!("X-Project-Id: {id}\r\nFrom: alice@acme.example\r\n\r\nb\r\n")).unwrap();
+            assert!(matches!(d.transport, Transport::Server(_)));
+            // The project's approved list is not consulted on the server transport.
+            assert_eq!(d.envelope_from, "noreply@example.com");
+            assert!(out.starts_with("From: Example <noreply@example.com>\r\n"));
+        }
+    }
+
+    #[test]
+    fn misconfigured_project_refused_with_names() {
+        let c = config("");
+        let r = run(&c, "X-Project-Id: broken\r\n\r\nb\r\n").unwrap_err();
+        assert_eq!((r.code, r.enhanced.as_deref()), (451, Some("4.3.5")));
+        assert!(r.text.starts_with("Project SMTP configuration is incomplete or invalid"));
+        for name in ["smtpPort", "smtpPassword", "smtpFromAddress"] {
+            assert!(r.text.contains(name), "{}", r.text);
+        }
+        assert!(!r.text.contains("smtpUsername"));
+    }
+
+    #[test]
+    fn unapproved_from_replaced_by_project_default() {
+        let c = config("");
+        let (d, out) = run(&c, "X-Project-Id: acme\r\nFrom: Mallory <mallory@acme.example>\r\n\r\nb\r\n").unwrap();
+        assert_eq!(out, "From: Acme <noreply@acme.example>\r\n\r\nb\r\n");
+        assert_eq!(d.envelope_from, "noreply@acme.example");
+        assert!(d.from_rewritten);
+        assert_eq!(d.original_from.as_deref(), Some("Mallory <mallory@acme.example>"));
+    }
+
+    #[test]
+    fn approved_from_kept_with_display_name_and_case_insensitive() {
+        let c = config("");
+        let (d, out) = run(&c, "X-Project-Id: acme\r\nFrom: \"Bob B.\" <BOB@Acme.Example>\r\n\r\nb\r\n").unwrap();
+        assert_eq!(out, "From: \"Bob B.\" <BOB@Acme.Example>\r\n\r\nb\r\n");
+        assert_eq!(d.envelope_from, "BOB@Acme.Example");
+    }
+
+    #[test]
+    fn server_list_never_used_for_project_and_vice_versa() {
+        let c = config("");
+        let (d, _) = run(&c, "X-Project-Id: acme\r\nFrom: alerts@example.com\r\n\r\nb\r\n").unwrap();
+        assert_eq!(d.envelope_from, "noreply@acme.example");
+        let (d, _) = run(&c, "From: alice@acme.example\r\n\r\nb\r\n").unwrap();
+        assert_eq!(d.envelope_from, "noreply@example.com");
+        let (d, out) = run(&c, "From: Alerts <alerts@example.com>\r\n\r\nb\r\n").unwrap();
+        assert_eq!(d.envelope_from, "alerts@example.com");
+        assert!(out.starts_with("From: Alerts <alerts@example.com>\r\n"));
+    }
+
+    #[test]
+    fn multiple_addresses_or_fields_use_default_and_leave_one_from() {
+        let c = config("");
+        let (_, out) = run(&c, "X-Project-Id: acme\r\nFrom: alice@acme.example, bob@acme.example\r\n\r\nb\r\n").unwrap();
+        assert_eq!(out, "From: Acme <noreply@acme.example>\r\n\r\nb\r\n");
+        let (_, out) = run(
+            &c,
+            "X-Project-Id: acme\r\nFrom: alice@acme.example\r\nTo: x@y.example\r\nFrom: bob@acme.example\r\n\r\nb\r\n",
+        )
+        .unwrap();
+        assert_eq!(out, "From: Acme <noreply@acme.example>\r\nTo: x@y.example\r\n\r\nb\r\n");
+        let (_, out) = run(&c, "X-Project-Id: acme\r\nFrom: team: alice@acme.example;\r\n\r\nb\r\n").unwrap();
+        assert_eq!(out.matches("From:").count(), 1);
+        assert!(out.starts_with("From: Acme <noreply@acme.example>"));
+    }
+
+    #[test]
+    fn missing_from_added() {
+        let c = config("");
+        let (d, out) = run(&c, "X-Project-Id: acme\r\nSubject: s\r\n\r\nb\r\n").unwrap();
+        assert_eq!(out, "From: Acme <noreply@acme.example>\r\nSubject: s\r\n\r\nb\r\n");
+        assert!(d.from_rewritten);
+        assert_eq!(d.original_from, None);
+        // A message with no header section at all.
+        let (_, out) = run(&c, "\r\nbody only\r\n").unwrap();
+        assert_eq!(out, "From: Example <noreply@example.com>\r\n\r\nbody only\r\n");
+    }
+
+    #[test]
+    fn app_name_fills_a_bare_from() {
+        let c = config("");
+        let (_, out) = run(&c, "X-Project-Id: health\r\n\r\nb\r\n").unwrap();
+        assert_eq!(out, "From: Acme Health <noreply@health.example>\r\n\r\nb\r\n");
+        let (d, out) = run(&c, "X-Project-Id: health\r\nFrom: carol@health.example\r\n\r\nb\r\n").unwrap();
+        assert_eq!(out, "From: Acme Health <carol@health.example>\r\n\r\nb\r\n");
+        assert!(d.from_rewritten);
+        let (d, out) = run(&c, "X-Project-Id: health\r\nFrom: Carol <carol@health.example>\r\n\r\nb\r\n").unwrap();
+        assert_eq!(out, "From: Carol <carol@health.example>\r\n\r\nb\r\n");
+        assert!(!d.from_rewritten);
+        // appName of a project without project SMTP does not apply on the server transport.
+        let (_, out) = run(&c, "X-Project-Id: plain\r\n\r\nb\r\n").unwrap();
+        assert!(out.starts_with("From: Example <noreply@example.com>"));
+    }
+
+    #[test]
+    fn sender_replaced_never_added() {
+        let c = config("");
+        let (_, out) = run(
+            &c,
+            "X-Project-Id: acme\r\nSender: someone@else.example\r\nFrom: alice@acme.example\r\nSender: again@else.example\r\n\r\nb\r\n",
+        )
+        .unwrap();
+        assert_eq!(out, "Sender: alice@acme.example\r\nFrom: alice@acme.example\r\n\r\nb\r\n");
+        let (_, out) = run(&c, "X-Project-Id: acme\r\nFrom: alice@acme.example\r\n\r\nb\r\n").unwrap();
+        assert!(!out.contains("Sender"));
+    }
+
+    #[test]
+    fn other_bytes_unchanged() {
+        let c = config("");
+        let msg = "Received: from a\r\n\tby b; folded\r\nX-Project-Id: acme\r\nSubject: =?UTF-8?Q?h=C3=A9?=\r\nFrom: Mallory\r\n <mallory@x.example>\r\nX-8bit: héllo\r\n\r\n.leading dot\r\nFrom: not a header\r\n\r\nX-Project-Id: acme\r\n";
+        let (_, out) = run(&c, msg).unwrap();
+        assert_eq!(
+            out,
+            "Received: from a\r\n\tby b; folded\r\nSubject: =?UTF-8?Q?h=C3=A9?=\r\nFrom: Acme <noreply@acme.example>\r\nX-8bit: héllo\r\n\r\n.leading dot\r\nFrom: not a header\r\n\r\nX-Project-Id: acme\r\n"
+        );
+    }
+
+    #[test]
+    fn no_server_provider_refused() {
+        let mut c = config("");
+        c.server.provider = None;
+        let r = run(&c, "Subject: s\r\n\r\nb\r\n").unwrap_err();
+        assert_eq!((r.code, r.enhanced.as_deref()), (451, Some("4.3.5")));
+        // Project mail is unaffected.
+        assert!(run(&c, "X-Project-Id: acme\r\n\r\nb\r\n").is_ok());
+    }
+
+    #[test]
+    fn no_support_email_refused_unless_sender_approved() {
+        let mut c = config("");
+        c.server.support_email = None;
+        assert_eq!(run(&c, "Subject: s\r\n\r\nb\r\n").unwrap_err(), Reply::NO_SERVER_SENDER);
+        assert!(run(&c, "From: alerts@example.com\r\n\r\nb\r\n").is_ok());
+    }
+
+    #[test]
+    fn malformed_header_section_refused() {
+        let c = config("");
+        for msg in ["not a header\r\n\r\nb\r\n", " continuation first\r\n\r\n", "Bad Name: x\r\n\r\n", ": x\r\n\r\n"] {
+            assert_eq!(run(&c, msg).unwrap_err(), Reply::BAD_HEADER, "{msg:?}");
+        }
+    }
+
+    #[test]
+    fn nul_in_project_header_refused() {
+        let c = config("");
+        let r = run(&c, "X-Project-Id: ac\0me\r\n\r\nb\r\n").unwrap_err();
+        assert_eq!(r.code, 550);
+    }
+}
