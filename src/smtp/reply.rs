@@ -259,6 +259,14 @@ impl Reply {
         Reply::new(451, "4.4.0", &format!("Upstream error: {detail}"))
     }
 
+    pub fn bad_upstream_address(address: &str, detail: &str) -> Reply {
+        Reply::new(
+            553,
+            "5.1.3",
+            &format!("Address <{address}> cannot be relayed: {detail}"),
+        )
+    }
+
     pub fn capture_failed(detail: &str) -> Reply {
         Reply::new(451, "4.3.0", &format!("Could not write captured message: {detail}"))
     }

@@ -1,0 +1,293 @@
+//! The one place that speaks SMTP to upstream relays (through lettre): a small pool of
+//! connections per upstream, and the mapping from what happened there to the client's reply.
+//!
+//! lettre's own pool is not used: it has no read timeout on async connections, and a send
+//! cancelled by our deadline would return a connection stuck mid-DATA to its pool. Here a
+//! connection goes back to the pool only after a clean send; anything else drops it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use lettre::address::{Address, Envelope};
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{SmtpTarget, TlsMode};
+use crate::smtp::Reply;
+
+/// Idle connections kept per upstream; more than this are closed after use.
+const MAX_IDLE_PER_UPSTREAM: usize = 64;
+/// An idle connection older than this is closed rather than reused; upstreams commonly
+/// drop idle sessions after a minute or so.
+const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
+/// On top of the command timeout, time allowed for the message bytes themselves
+/// (a floor of 256 KiB/s), so a large message on a slow link is not cut off.
+const BYTES_PER_SEC_FLOOR: u64 = 256 * 1024;
+
+/// What the upstream said when it accepted a message.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub code: u16,
+    pub text: String,
+}
+
+pub struct Upstreams {
+    pools: Mutex<HashMap<SmtpTarget, Arc<Pool>>>,
+    tls: TlsConnector,
+    ca_pem: Option<Vec<u8>>,
+    timeout: Duration,
+    hello: ClientId,
+}
+
+impl fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstreams")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+}
+
+impl Upstreams {
+    pub fn new(
+        tls: Arc<rustls::ClientConfig>,
+        ca_pem: Option<Vec<u8>>,
+        timeout: Duration,
+        hello_name: &str,
+    ) -> Upstreams {
+        Upstreams {
+            pools: Mutex::new(HashMap::new()),
+            tls: TlsConnector::from(tls),
+            ca_pem,
+            timeout,
+            hello: ClientId::Domain(hello_name.to_owned()),
+        }
+    }
+
+    fn pool(&self, target: &SmtpTarget) -> Arc<Pool> {
+        // Keyed by the whole target, credentials included: changed secrets get a new pool
+        // and never reuse a connection authenticated with the old ones.
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.entry(target.clone()).or_default().clone()
+    }
+
+    /// Number of idle pooled connections, all upstreams together.
+    pub fn idle_connections(&self) -> usize {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .values()
+            .map(|p| p.idle.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    /// Sends one message. `body` is the unstuffed message, every line ending in CRLF.
+    pub async fn send(
+        &self,
+        target: &SmtpTarget,
+        from: &str,
+        recipients: &[String],
+        body: &[u8],
+    ) -> Result<Accepted, Reply> {
+        let envelope = envelope(from, recipients)?;
+        // lettre stuffs dots and appends CRLF.CRLF itself; the last line's CRLF is part of
+        // that marker, so leaving it in would add an empty line.
+        let body = body.strip_suffix(b"\r\n").unwrap_or(body);
+        let pool = self.pool(target);
+        let mut conn = self.checkout(&pool, target).await?;
+        let deadline = self.timeout + Duration::from_secs(body.len() as u64 / BYTES_PER_SEC_FLOOR);
+        match tokio::time::timeout(deadline, conn.send(&envelope, body)).await {
+            Ok(Ok(response)) => {
+                let accepted = Accepted {
+                    code: code_of(&response.code().to_string()),
+                    text: response.message().collect::<Vec<_>>().join(" "),
+                };
+                let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+                if idle.len() < MAX_IDLE_PER_UPSTREAM && !conn.has_broken() {
+                    idle.push((conn, Instant::now()));
+                }
+                Ok(accepted)
+            }
+            // lettre has already sent QUIT and closed on any error.
+            Ok(Err(e)) => Err(classify(&e, target)),
+            Err(_) => Err(Reply::upstream_timeout(&format!(
+                "{} did not answer within {}s",
+                target.host,
+                deadline.as_secs()
+            ))),
+        }
+    }
+
+    /// A live connection: an idle one that still answers NOOP, or a new one.
+    async fn checkout(&self, pool: &Pool, target: &SmtpTarget) -> Result<AsyncSmtpConnection, Reply> {
+        loop {
+            let candidate = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some((mut conn, since)) = candidate else { break };
+            if since.elapsed() > MAX_IDLE_AGE {
+                continue;
+            }
+            // A connection the upstream closed while idle must not fail the message.
+            if let Ok(true) = tokio::time::timeout(self.timeout, conn.test_connected()).await {
+                return Ok(conn);
+            }
+            tracing::debug!(upstream = %target.host, "dropping a dead pooled connection");
+        }
+        match tokio::time::timeout(self.timeout, self.connect(target)).await {
+            Ok(result) => result,
+            Err(_) => Err(Reply::upstream_timeout(&format!(
+                "connecting to {}:{} took over {}s",
+                target.host,
+                target.port,
+                self.timeout.as_secs()
+            ))),
+        }
+    }
+
+    /// TCP (with TCP_NODELAY), then implicit TLS or STARTTLS, EHLO and AUTH.
+    pub async fn connect(&self, target: &SmtpTarget) -> Result<AsyncSmtpConnection, Reply> {
+        let tcp = TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|e| {
+                Reply::upstream_unreachable(&format!("{}:{}: {e}", target.host, target.port))
+            })?;
+        // Without it, lettre's separate write of the final CRLF.CRLF waits behind Nagle and
+        // the upstream's delayed ACK: tens of milliseconds per message.
+        let _ = tcp.set_nodelay(true);
+        let stream: Box<dyn AsyncTokioStream> = match target.tls {
+            TlsMode::Implicit => {
+                let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+                    .map_err(|e| Reply::upstream_tls(&format!("{}: {e}", target.host)))?;
+                let tls = self
+                    .tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| Reply::upstream_tls(&format!("{}: {e}", target.host)))?;
+                Box::new(TlsStream(tls))
+            }
+            TlsMode::StartTls => Box::new(tcp),
+        };
+        let mut conn = AsyncSmtpConnection::connect_with_transport(stream, &self.hello)
+            .await
+            .map_err(|e| classify(&e, target))?;
+        if target.tls == TlsMode::StartTls && conn.can_starttls() {
+            let params = self.starttls_params(&target.host)?;
+            conn.starttls(params, &self.hello)
+                .await
+                .map_err(|e| Reply::upstream_tls(&format!("{}: STARTTLS: {e}", target.host)))?;
+        }
+        if let Some((user, password)) = &target.credentials {
+            let creds = Credentials::new(user.clone(), password.expose().to_owned());
+            conn.auth(&[Mechanism::Plain, Mechanism::Login], &creds)
+                .await
+                .map_err(|e| Reply::upstream_auth(&format!("{}: {}", target.host, describe(&e))))?;
+        }
+        Ok(conn)
+    }
+
+    fn starttls_params(&self, host: &str) -> Result<TlsParameters, Reply> {
+        let mut builder = TlsParameters::builder(host.to_owned());
+        if let Some(pem) = &self.ca_pem {
+            let cert = Certificate::from_pem(pem)
+                .map_err(|e| Reply::upstream_tls(&format!("ca_file: {e}")))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        builder
+            .build_rustls()
+            .map_err(|e| Reply::upstream_tls(&format!("{host}: {e}")))
+    }
+}
+
+fn envelope(from: &str, recipients: &[String]) -> Result<Envelope, Reply> {
+    let parse = |a: &str| {
+        a.parse::<Address>()
+            .map_err(|e| Reply::bad_upstream_address(a, &e.to_string()))
+    };
+    let to = recipients
+        .iter()
+        .map(|r| parse(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    Envelope::new(Some(parse(from)?), to).map_err(|e| Reply::bad_upstream_address(from, &e.to_string()))
+}
+
+fn code_of(s: &str) -> u16 {
+    s.parse().unwrap_or(0)
+}
+
+/// The upstream's own words, without lettre's "permanent error (550): " prefix.
+fn describe(e: &lettre::transport::smtp::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(src) => src.to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// Turns a lettre error into the reply the client sees: the upstream's own 4xx/5xx where it
+/// gave one, 451 4.4.x where it could not be reached or stalled.
+fn classify(e: &lettre::transport::smtp::Error, target: &SmtpTarget) -> Reply {
+    let host = &target.host;
+    if let Some(code) = e.status() {
+        let code = code_of(&code.to_string());
+        return match code {
+            // Authentication problems are ours (the relay's credentials), not the sender's.
+            530 | 534 | 535 | 538 => Reply::upstream_auth(&format!("{host}: {}", describe(e))),
+            _ => Reply::upstream_refused(code, &describe(e)),
+        };
+    }
+    if e.is_timeout() {
+        Reply::upstream_timeout(&format!("{host}: {}", describe(e)))
+    } else if e.is_tls() {
+        Reply::upstream_tls(&format!("{host}: {}", describe(e)))
+    } else if e.is_client() {
+        Reply::upstream_cannot_carry(&format!("{host}: {}", describe(e)))
+    } else if e.is_response() {
+        Reply::upstream_protocol(&format!("{host}: {}", describe(e)))
+    } else {
+        Reply::upstream_unreachable(&format!("{host}: {}", describe(e)))
+    }
+}
+
+/// lettre takes any stream that says who its peer is; this lets it run over our rustls
+/// stream, set up from the same roots as everything else.
+struct TlsStream(tokio_rustls::client::TlsStream<TcpStream>);
+
+impl fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsStream")
+    }
+}
+
+impl AsyncTokioStream for TlsStream {
+    fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.0.get_ref().0.peer_addr()
+    }
+}
+
+impl AsyncRead for TlsStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
