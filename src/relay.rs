@@ -79,7 +79,7 @@ impl Relay {
                 })
                 .await;
                 match written {
-                    Ok(Ok(path)) => Reply::delivered(&format!("captured as {}", path.display())),
+                    Ok(Ok(path)) => Reply::captured(&path.display().to_string()),
                     Ok(Err(e)) => Reply::capture_failed(&e.to_string()),
                     Err(e) => Reply::capture_failed(&e.to_string()),
                 }

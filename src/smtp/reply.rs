@@ -231,6 +231,10 @@ impl Reply {
         Reply::new(code, enhanced, &format!("Upstream refused: {rest}"))
     }
 
+    pub fn captured(path: &str) -> Reply {
+        Reply::new(250, "2.0.0", &format!("Ok: captured as {path}"))
+    }
+
     pub fn upstream_unreachable(detail: &str) -> Reply {
         Reply::new(451, "4.4.1", &format!("Upstream unreachable: {detail}"))
     }

@@ -1,0 +1,329 @@
+//! An upstream SMTP server for tests: records each accepted message (envelope, unstuffed
+//! bytes, wire bytes, AUTH user, TLS), and can be scripted to refuse, defer, stall, drop the
+//! connection, require AUTH, and offer STARTTLS or implicit TLS.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Default)]
+pub struct Script {
+    /// Reply to MAIL, e.g. "451 4.3.0 try later". Default 250.
+    pub mail: Option<String>,
+    /// Replies to RCPT by address. Default 250.
+    pub rcpt: HashMap<String, String>,
+    /// Reply after the end of data. Default "250 2.0.0 queued as TEST".
+    pub data_end: Option<String>,
+    /// Never answer the end of data.
+    pub stall_after_data: bool,
+    /// Close the connection after the first line of message data.
+    pub close_mid_data: bool,
+    /// Require AUTH (PLAIN or LOGIN) before MAIL, accepting any of these credentials.
+    pub auth: Vec<(String, String)>,
+    pub starttls: Option<Arc<rustls::ServerConfig>>,
+    pub implicit_tls: Option<Arc<rustls::ServerConfig>>,
+    pub no_8bitmime: bool,
+    pub smtputf8: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub mail_from: String,
+    pub mail_params: String,
+    pub rcpts: Vec<String>,
+    /// The message with dot-stuffing removed, every line with its CRLF.
+    pub data: Vec<u8>,
+    /// The bytes on the wire between the 354 and the end marker, end marker included.
+    pub wire: Vec<u8>,
+    pub auth_user: Option<String>,
+    pub tls: bool,
+    pub connection: usize,
+}
+
+struct State {
+    script: Mutex<Script>,
+    received: Mutex<Vec<Received>>,
+    commands: Mutex<Vec<String>>,
+    connections: AtomicUsize,
+    kill: Mutex<CancellationToken>,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    stop: CancellationToken,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.state.kill.lock().unwrap().cancel();
+    }
+}
+
+impl Upstream {
+    pub async fn start(script: Script) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            script: Mutex::new(script),
+            received: Mutex::new(Vec::new()),
+            commands: Mutex::new(Vec::new()),
+            connections: AtomicUsize::new(0),
+            kill: Mutex::new(CancellationToken::new()),
+        });
+        let stop = CancellationToken::new();
+        let (st, stop2) = (state.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    a = listener.accept() => a.unwrap(),
+                    _ = stop2.cancelled() => return,
+                };
+                let id = st.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                let kill = st.kill.lock().unwrap().clone();
+                tokio::spawn(serve(tcp, st.clone(), id, kill));
+            }
+        });
+        Upstream { addr, state, stop }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn script(&self, f: impl FnOnce(&mut Script)) {
+        f(&mut self.state.script.lock().unwrap());
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// Every command line seen, in order, across connections.
+    pub fn commands(&self) -> Vec<String> {
+        self.state.commands.lock().unwrap().clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Closes every open connection, as an upstream does to idle clients.
+    pub fn kill_connections(&self) {
+        let mut kill = self.state.kill.lock().unwrap();
+        kill.cancel();
+        *kill = CancellationToken::new();
+    }
+}
+
+async fn serve(tcp: TcpStream, state: Arc<State>, id: usize, kill: CancellationToken) {
+    let (implicit, starttls) = {
+        let s = state.script.lock().unwrap();
+        (s.implicit_tls.clone(), s.starttls.clone())
+    };
+    if let Some(cfg) = implicit {
+        let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else { return };
+        session(tls, &state, id, true, true, &kill).await;
+        return;
+    }
+    if let Some(tcp) = session(tcp, &state, id, false, true, &kill).await {
+        let cfg = starttls.expect("STARTTLS only when offered");
+        let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else { return };
+        session(tls, &state, id, true, false, &kill).await;
+    }
+}
+
+async fn read_line<S: AsyncRead + Unpin>(r: &mut BufReader<S>, kill: &CancellationToken) -> Option<Vec<u8>> {
+    let mut line = Vec::new();
+    tokio::select! {
+        n = r.read_until(b'\n', &mut line) => match n { Ok(0) | Err(_) => None, Ok(_) => Some(line) },
+        _ = kill.cancelled() => None,
+    }
+}
+
+/// Returns the stream when the client asked for STARTTLS.
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    state: &State,
+    id: usize,
+    tls: bool,
+    greet: bool,
+    kill: &CancellationToken,
+) -> Option<S> {
+    let mut r = BufReader::new(stream);
+    macro_rules! say {
+        ($($t:tt)*) => {{
+            let text = format!($($t)*);
+            if r.get_mut().write_all(format!("{text}\r\n").as_bytes()).await.is_err() { return None; }
+        }};
+    }
+    if greet {
+        say!("220 upstream.test ESMTP test server");
+    }
+    let mut authed: Option<String> = None;
+    let mut mail: Option<(String, String)> = None;
+    let mut rcpts: Vec<String> = Vec::new();
+    loop {
+        let line = read_line(&mut r, kill).await?;
+        let text = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_string();
+        state.commands.lock().unwrap().push(text.clone());
+        let upper = text.to_ascii_uppercase();
+        let script = state.script.lock().unwrap().clone();
+        if upper.starts_with("EHLO") {
+            let mut ext = vec!["upstream.test".to_string(), "PIPELINING".into(), "SIZE 52428800".into()];
+            if !script.no_8bitmime {
+                ext.push("8BITMIME".into());
+            }
+            if script.smtputf8 {
+                ext.push("SMTPUTF8".into());
+            }
+            if script.starttls.is_some() && !tls {
+                ext.push("STARTTLS".into());
+            }
+            if !script.auth.is_empty() {
+                ext.push("AUTH PLAIN LOGIN".into());
+            }
+            let last = ext.len() - 1;
+            for (i, e) in ext.iter().enumerate() {
+                say!("250{}{e}", if i == last { ' ' } else { '-' });
+            }
+        } else if upper.starts_with("HELO") {
+            say!("250 upstream.test");
+        } else if upper == "STARTTLS" {
+            say!("220 2.0.0 go ahead");
+            return Some(r.into_inner());
+        } else if upper.starts_with("AUTH ") {
+            if script.auth.is_empty() {
+                say!("502 5.5.1 no AUTH here");
+                continue;
+            }
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let words: Vec<&str> = text.split_whitespace().collect();
+            let (got_user, got_pass) = match words.get(1).map(|m| m.to_ascii_uppercase()).as_deref() {
+                Some("PLAIN") => {
+                    let arg = match words.get(2) {
+                        Some(a) => a.to_string(),
+                        None => {
+                            say!("334 ");
+                            String::from_utf8_lossy(&read_line(&mut r, kill).await?).trim().to_string()
+                        }
+                    };
+                    let raw = b64.decode(arg).unwrap_or_default();
+                    let parts: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+                    match parts.as_slice() {
+                        [_, u, p] => (String::from_utf8_lossy(u).into_owned(), String::from_utf8_lossy(p).into_owned()),
+                        _ => (String::new(), String::new()),
+                    }
+                }
+                Some("LOGIN") => {
+                    say!("334 VXNlcm5hbWU6");
+                    let u = read_line(&mut r, kill).await?;
+                    say!("334 UGFzc3dvcmQ6");
+                    let p = read_line(&mut r, kill).await?;
+                    let dec = |l: Vec<u8>| String::from_utf8_lossy(&b64.decode(String::from_utf8_lossy(&l).trim()).unwrap_or_default()).into_owned();
+                    (dec(u), dec(p))
+                }
+                _ => {
+                    say!("504 5.5.4 mechanism");
+                    continue;
+                }
+            };
+            if script.auth.iter().any(|(u, p)| *u == got_user && *p == got_pass) {
+                authed = Some(got_user);
+                say!("235 2.7.0 ok");
+            } else {
+                say!("535 5.7.8 bad credentials");
+            }
+        } else if upper.starts_with("MAIL FROM:") {
+            if !script.auth.is_empty() && authed.is_none() {
+                say!("530 5.7.0 authentication required");
+                continue;
+            }
+            if let Some(reply) = &script.mail {
+                say!("{reply}");
+                continue;
+            }
+            let rest = &text["MAIL FROM:".len()..];
+            let (addr, params) = split_path(rest);
+            mail = Some((addr, params));
+            rcpts.clear();
+            say!("250 2.1.0 ok");
+        } else if upper.starts_with("RCPT TO:") {
+            let (addr, _) = split_path(&text["RCPT TO:".len()..]);
+            match script.rcpt.get(&addr) {
+                Some(reply) => say!("{reply}"),
+                None => {
+                    rcpts.push(addr);
+                    say!("250 2.1.5 ok");
+                }
+            }
+        } else if upper == "DATA" {
+            if mail.is_none() || rcpts.is_empty() {
+                say!("503 5.5.1 bad sequence");
+                continue;
+            }
+            say!("354 go ahead");
+            let mut wire = Vec::new();
+            let mut data = Vec::new();
+            loop {
+                let line = read_line(&mut r, kill).await?;
+                wire.extend_from_slice(&line);
+                if script.close_mid_data {
+                    return None;
+                }
+                if line == b".\r\n" {
+                    break;
+                }
+                let unstuffed = line.strip_prefix(b".").unwrap_or(&line);
+                data.extend_from_slice(unstuffed);
+            }
+            if script.stall_after_data {
+                kill.cancelled().await;
+                return None;
+            }
+            let reply = script.data_end.clone().unwrap_or_else(|| "250 2.0.0 queued as TEST".into());
+            if reply.starts_with('2') {
+                let (mail_from, mail_params) = mail.take().unwrap();
+                state.received.lock().unwrap().push(Received {
+                    mail_from,
+                    mail_params,
+                    rcpts: std::mem::take(&mut rcpts),
+                    data,
+                    wire,
+                    auth_user: authed.clone(),
+                    tls,
+                    connection: id,
+                });
+            }
+            mail = None;
+            rcpts.clear();
+            say!("{reply}");
+        } else if upper == "RSET" {
+            mail = None;
+            rcpts.clear();
+            say!("250 2.0.0 ok");
+        } else if upper.starts_with("NOOP") {
+            say!("250 2.0.0 ok");
+        } else if upper == "QUIT" {
+            say!("221 2.0.0 bye");
+            return None;
+        } else {
+            say!("500 5.5.1 unrecognized");
+        }
+    }
+}
+
+fn split_path(rest: &str) -> (String, String) {
+    let rest = rest.trim_start();
+    match (rest.find('<'), rest.find('>')) {
+        (Some(a), Some(b)) if a < b => (rest[a + 1..b].to_string(), rest[b + 1..].trim().to_string()),
+        _ => (rest.to_string(), String::new()),
+    }
+}
