@@ -8,8 +8,8 @@ use super::command::{self, Command};
 use super::data::{DataReader, DataResult};
 use super::reply::Reply;
 
-/// RFC 5321 §4.5.3.1.4 allows 512; extensions (SIZE, SMTPUTF8) need more, 1000 is what
-/// Postfix and the issue settle on.
+/// Octets in a command line, CRLF included. RFC 5321 §4.5.3.1.4 says 512; extensions (SIZE,
+/// SMTPUTF8) need more, and 1000 matches the text line limit.
 pub const MAX_COMMAND_LINE: usize = 1000;
 
 /// Errors tolerated before the session is closed, like Postfix's `smtpd_hard_error_limit`.
@@ -119,18 +119,26 @@ impl Session {
                 Some(result) => (used, self.finish_data(result)),
             };
         }
-        let window = &input[..input.len().min(MAX_COMMAND_LINE + 2)];
+        if self.skipping_line {
+            // The rest of an over-long line: drop it, and reply once its end arrives.
+            return match memchr::memchr(b'\n', input) {
+                Some(lf) => {
+                    self.skipping_line = false;
+                    (lf + 1, self.error(Reply::LINE_TOO_LONG))
+                }
+                None => (input.len(), Event::NeedMore),
+            };
+        }
+        // A line of MAX_COMMAND_LINE octets, CRLF included, ends within this window.
+        let window = &input[..input.len().min(MAX_COMMAND_LINE)];
         let Some(lf) = memchr::memchr(b'\n', window) else {
-            if input.len() > MAX_COMMAND_LINE {
+            if input.len() >= MAX_COMMAND_LINE {
                 self.skipping_line = true;
-                return (input.len(), Event::NeedMore);
+                return self.feed(input);
             }
             return (0, Event::NeedMore);
         };
         let used = lf + 1;
-        if std::mem::take(&mut self.skipping_line) || lf > MAX_COMMAND_LINE {
-            return (used, self.error(Reply::LINE_TOO_LONG));
-        }
         let line = &input[..lf];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let event = match command::parse(line) {
@@ -401,6 +409,29 @@ mod tests {
         assert_eq!(out[1], "500 5.5.2 Line too long");
         assert_eq!(out[2], "250 2.0.0 Ok");
         assert_eq!(out.len(), 3);
+    }
+
+    #[test]
+    fn command_line_limit_is_exact() {
+        let mut s = session();
+        let mut ok = b"NOOP ".to_vec();
+        ok.resize(MAX_COMMAND_LINE - 2, b'x');
+        ok.extend_from_slice(b"\r\n");
+        assert_eq!(run(&mut s, &ok), ["250 2.0.0 Ok"]);
+        let mut long = b"NOOP ".to_vec();
+        long.resize(MAX_COMMAND_LINE - 1, b'x');
+        long.extend_from_slice(b"\r\n");
+        assert_eq!(run(&mut s, &long), ["500 5.5.2 Line too long"]);
+    }
+
+    #[test]
+    fn long_command_line_in_one_piece() {
+        let mut s = session();
+        let mut input = b"NOOP ".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 5000));
+        input.extend_from_slice(b"\r\nNOOP\r\n");
+        let out = run(&mut s, &input);
+        assert_eq!(out, ["500 5.5.2 Line too long", "250 2.0.0 Ok"]);
     }
 
     #[test]
