@@ -1,0 +1,221 @@
+//! The relay against upstreams that refuse, defer, vanish, stall, want AUTH or TLS, and the
+//! connection pool.
+
+mod common;
+
+use common::{Relay, Script, Upstream};
+
+fn project(name: &str, up: &Upstream, extra: &str) -> String {
+    format!(
+        "[projects.{name}]\nsmtpHost = \"{host}\"\nsmtpPort = {port}\nsmtpUsername = \"user-{name}\"\nsmtpPassword = \"pw-{name}\"\nsmtpFromAddress = \"noreply@{name}.example\"\n{extra}\n",
+        host = if extra.contains("smtpSecure") || extra.contains("#tls") { "localhost" } else { "127.0.0.1" },
+        port = up.port()
+    )
+}
+
+fn creds(names: &[&str]) -> Vec<(String, String)> {
+    names.iter().map(|n| (format!("user-{n}"), format!("pw-{n}"))).collect()
+}
+
+async fn relay_for(projects: &str) -> Relay {
+    Relay::start(&format!("[upstream]\ntimeout_secs = 2\nca_file = \"certs/ca.crt\"\n{projects}")).await
+}
+
+const MSG: &[u8] = b"X-Project-Id: acme\r\nSubject: s\r\n\r\nhi\r\n";
+
+async fn send(relay: &Relay, msg: &[u8], to: &[&str]) -> String {
+    let mut c = relay.client().await;
+    c.send_mail("app@app.example", to, msg).await
+}
+
+fn script(f: impl FnOnce(&mut Script)) -> Script {
+    let mut s = Script {
+        auth: creds(&["acme"]),
+        ..Script::default()
+    };
+    f(&mut s);
+    s
+}
+
+#[tokio::test]
+async fn upstream_permanent_refusal_reaches_the_client_as_5xx() {
+    let up = Upstream::start(script(|s| s.data_end = Some("554 5.7.1 Spam detected".into()))).await;
+    let relay = relay_for(&project("acme", &up, "")).await;
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("554 5.7.1 Upstream refused: Spam detected"), "{reply}");
+}
+
+#[tokio::test]
+async fn upstream_deferral_reaches_the_client_as_4xx() {
+    let up = Upstream::start(script(|s| s.mail = Some("451 4.7.1 Greylisted, try later".into()))).await;
+    let relay = relay_for(&project("acme", &up, "")).await;
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("451 4.7.1 Upstream refused: Greylisted, try later"), "{reply}");
+    // An upstream reply without an enhanced code gets one of its class.
+    up.script(|s| s.mail = Some("452 mailbox full".into()));
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("452 4.0.0 Upstream refused: mailbox full"), "{reply}");
+}
+
+#[tokio::test]
+async fn a_refused_recipient_sends_nothing() {
+    let up = Upstream::start(script(|s| {
+        s.rcpt.insert("bad@dest.example".into(), "550 5.1.1 No such user".into());
+    }))
+    .await;
+    let relay = relay_for(&project("acme", &up, "")).await;
+    let reply = send(&relay, MSG, &["ok@dest.example", "bad@dest.example"]).await;
+    assert!(reply.starts_with("550 5.1.1"), "{reply}");
+    assert!(up.received().is_empty());
+    assert!(!up.commands().iter().any(|c| c == "DATA"), "{:?}", up.commands());
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_451_4_4_1() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let relay = relay_for(&format!(
+        "[projects.acme]\nsmtpHost = \"127.0.0.1\"\nsmtpPort = {port}\nsmtpUsername = \"u\"\nsmtpPassword = \"p\"\nsmtpFromAddress = \"noreply@acme.example\"\n"
+    ))
+    .await;
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("451 4.4.1"), "{reply}");
+}
+
+#[tokio::test]
+async fn stalled_upstream_times_out_with_451_4_4_2() {
+    let up = Upstream::start(script(|s| s.stall_after_data = true)).await;
+    let relay = relay_for(&project("acme", &up, "")).await;
+    let started = std::time::Instant::now();
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("451 4.4.2"), "{reply}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    // The stuck connection is not reused: the next message gets a new one.
+    up.script(|s| s.stall_after_data = false);
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test]
+async fn upstream_closing_mid_data_is_a_4xx() {
+    let up = Upstream::start(script(|s| s.close_mid_data = true)).await;
+    let relay = relay_for(&project("acme", &up, "")).await;
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("451 4.4."), "{reply}");
+    assert!(up.received().is_empty());
+}
+
+#[tokio::test]
+async fn upstream_auth_failure_is_a_4xx_and_never_shows_the_password() {
+    let up = Upstream::start(script(|s| s.auth = creds(&["other"]))).await;
+    let relay = relay_for(&project("acme", &up, "")).await;
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("451 4.7.0"), "{reply}");
+    assert!(!reply.contains("pw-acme"), "{reply}");
+}
+
+#[tokio::test]
+async fn project_credentials_are_used() {
+    let up = Upstream::start(script(|_| {})).await;
+    let relay = relay_for(&project("acme", &up, "")).await;
+    assert!(send(&relay, MSG, &["x@dest.example"]).await.starts_with("250"));
+    assert_eq!(up.received()[0].auth_user.as_deref(), Some("user-acme"));
+    assert!(!up.received()[0].tls);
+}
+
+#[tokio::test]
+async fn starttls_upstream_verified_with_ca_file() {
+    let tls = common::tls_server("certs/localhost.crt", "certs/localhost.key");
+    let up = Upstream::start(script(|s| s.starttls = Some(tls))).await;
+    let relay = relay_for(&project("acme", &up, "#tls")).await;
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let got = up.received();
+    assert!(got[0].tls, "STARTTLS was used");
+    assert_eq!(got[0].auth_user.as_deref(), Some("user-acme"));
+}
+
+#[tokio::test]
+async fn implicit_tls_upstream() {
+    let tls = common::tls_server("certs/localhost.crt", "certs/localhost.key");
+    let up = Upstream::start(script(|s| s.implicit_tls = Some(tls))).await;
+    let relay = relay_for(&project("acme", &up, "smtpSecure = true")).await;
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert!(up.received()[0].tls);
+}
+
+#[tokio::test]
+async fn untrusted_upstream_certificate_is_refused() {
+    let bad = common::tls_server("tests/fixtures/untrusted.crt", "tests/fixtures/untrusted.key");
+    let up = Upstream::start(script(|s| s.implicit_tls = Some(bad.clone()))).await;
+    let relay = relay_for(&project("acme", &up, "smtpSecure = true")).await;
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("451 4.7.5"), "{reply}");
+
+    let up2 = Upstream::start(script(|s| s.starttls = Some(bad))).await;
+    let relay2 = relay_for(&project("acme", &up2, "#tls")).await;
+    let reply = send(&relay2, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("451 4.7.5"), "{reply}");
+    assert!(up.received().is_empty() && up2.received().is_empty());
+    // No credentials went out over the failed handshake.
+    assert!(!up2.commands().iter().any(|c| c.starts_with("AUTH")));
+}
+
+#[tokio::test]
+async fn connections_are_pooled_across_sessions() {
+    let up = Upstream::start(script(|_| {})).await;
+    let relay = relay_for(&project("acme", &up, "")).await;
+    for _ in 0..5 {
+        assert!(send(&relay, MSG, &["x@dest.example"]).await.starts_with("250"));
+    }
+    assert_eq!(up.received().len(), 5);
+    assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
+async fn a_pooled_connection_that_died_is_replaced_without_failing_the_message() {
+    let up = Upstream::start(script(|_| {})).await;
+    let relay = relay_for(&project("acme", &up, "")).await;
+    assert!(send(&relay, MSG, &["x@dest.example"]).await.starts_with("250"));
+    up.kill_connections();
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(up.received().len(), 2);
+    assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test]
+async fn different_credentials_never_share_a_connection() {
+    let up = Upstream::start(Script {
+        auth: creds(&["acme", "beta"]),
+        ..Script::default()
+    })
+    .await;
+    let relay = relay_for(&format!("{}{}", project("acme", &up, ""), project("beta", &up, ""))).await;
+    for id in ["acme", "beta", "acme", "beta"] {
+        let msg = format!("X-Project-Id: {id}\r\n\r\nhi\r\n");
+        assert!(send(&relay, msg.as_bytes(), &["x@dest.example"]).await.starts_with("250"));
+    }
+    let got = up.received();
+    let users: Vec<_> = got.iter().map(|r| r.auth_user.clone().unwrap()).collect();
+    assert_eq!(users, ["user-acme", "user-beta", "user-acme", "user-beta"]);
+    assert_eq!(got[0].mail_from, "noreply@acme.example");
+    assert_eq!(got[1].mail_from, "noreply@beta.example");
+    assert_eq!(up.connections(), 2);
+    assert_eq!(got[0].connection, got[2].connection);
+    assert_ne!(got[0].connection, got[1].connection);
+}
+
+#[tokio::test]
+async fn eight_bit_message_to_a_seven_bit_upstream_is_refused_permanently() {
+    let up = Upstream::start(script(|s| s.no_8bitmime = true)).await;
+    let relay = relay_for(&project("acme", &up, "")).await;
+    let reply = send(&relay, "X-Project-Id: acme\r\n\r\nh\u{e9}llo\r\n".as_bytes(), &["x@dest.example"]).await;
+    assert!(reply.starts_with("554 5.3.3"), "{reply}");
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("250"), "{reply}");
+}
