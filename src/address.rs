@@ -15,7 +15,12 @@ pub struct Mailbox {
 impl Mailbox {
     /// Renders the mailbox for a header field, quoting or encoding the display name as needed.
     pub fn render(&self) -> String {
-        match self.name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+        match self
+            .name
+            .as_deref()
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+        {
             None => self.address.clone(),
             Some(name) => format!("{} <{}>", render_display_name(name), self.address),
         }
@@ -167,7 +172,10 @@ mod tests {
     #[test]
     fn groups_are_not_mailbox_lists() {
         assert_eq!(parse_list(b" team: a@x.example;\r\n"), None);
-        assert_eq!(parse_list(b" a@x.example, b@x.example\r\n").unwrap().len(), 2);
+        assert_eq!(
+            parse_list(b" a@x.example, b@x.example\r\n").unwrap().len(),
+            2
+        );
     }
 
     #[test]
@@ -178,7 +186,10 @@ mod tests {
         };
         assert_eq!(mb("Acme Health").render(), "Acme Health <a@x.example>");
         assert_eq!(mb("Acme, Inc.").render(), "\"Acme, Inc.\" <a@x.example>");
-        assert_eq!(mb("Say \"hi\"").render(), "\"Say \\\"hi\\\"\" <a@x.example>");
+        assert_eq!(
+            mb("Say \"hi\"").render(),
+            "\"Say \\\"hi\\\"\" <a@x.example>"
+        );
         assert_eq!(mb("Jörg").render(), "=?UTF-8?B?SsO2cmc=?= <a@x.example>");
         assert_eq!(mb("").render(), "a@x.example");
         // What we render parses back to the same mailbox.
@@ -189,7 +200,10 @@ mod tests {
 
     #[test]
     fn approved_list_rules() {
-        let list = ApprovedList::from_entries([" Alice@Acme.example , ,bob@acme.example", "Carol <carol@acme.example>"]);
+        let list = ApprovedList::from_entries([
+            " Alice@Acme.example , ,bob@acme.example",
+            "Carol <carol@acme.example>",
+        ]);
         assert_eq!(list.len(), 3);
         assert!(list.contains("alice@acme.example"));
         assert!(list.contains("BOB@ACME.EXAMPLE"));

@@ -38,7 +38,13 @@ fn folder(project: Option<&str>) -> String {
         Some(p) => {
             let safe: String = p
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect();
             if safe.starts_with('.') || safe.is_empty() {
                 format!("_{safe}")

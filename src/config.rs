@@ -429,7 +429,11 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
     if l.smtps.is_some() && tls.is_none() {
         problems.push("listener.smtps: needs listener.certificate and listener.private_key".into());
     }
-    if l.hostname.is_empty() || l.hostname.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if l.hostname.is_empty()
+        || l.hostname
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
         problems.push("listener.hostname: must be a host name without spaces".into());
     }
     let header_ok = !l.project_header.is_empty()
@@ -444,7 +448,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
         ("listener.max_recipients", l.max_recipients as u64),
         ("listener.max_connections", l.max_connections as u64),
         ("listener.idle_timeout_secs", l.idle_timeout_secs),
-        ("listener.tls_handshake_timeout_secs", l.tls_handshake_timeout_secs),
+        (
+            "listener.tls_handshake_timeout_secs",
+            l.tls_handshake_timeout_secs,
+        ),
         ("upstream.timeout_secs", raw.upstream.timeout_secs),
     ] {
         if value == 0 {
@@ -486,11 +493,13 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
                 (Some(u), Some(p)) => Some((u, SecretKey(p.expose().to_owned()))),
                 (None, None) => None,
                 (Some(_), None) => {
-                    problems.push("server.smtp.password: required with server.smtp.username".into());
+                    problems
+                        .push("server.smtp.password: required with server.smtp.username".into());
                     None
                 }
                 (None, Some(_)) => {
-                    problems.push("server.smtp.username: required with server.smtp.password".into());
+                    problems
+                        .push("server.smtp.username: required with server.smtp.password".into());
                     None
                 }
             };
@@ -551,7 +560,10 @@ fn validate_project(p: RawProject) -> Project {
             Some(s.trim().to_owned()).filter(|s| !s.is_empty())
         }
         Some(_) => {
-            bad.push(("appName", "must be a string without control characters".into()));
+            bad.push((
+                "appName",
+                "must be a string without control characters".into(),
+            ));
             None
         }
         None => None,
@@ -807,10 +819,18 @@ appName = "Acme Health"
     #[test]
     fn errors_never_echo_secrets() {
         let msg = problems("[projects.acme]\nsmtpPasword = \"hunter2-secret\"\n");
-        assert!(msg.contains("smtpPasword") && !msg.contains("hunter2"), "{msg}");
+        assert!(
+            msg.contains("smtpPasword") && !msg.contains("hunter2"),
+            "{msg}"
+        );
         let msg = problems("[server.smtp]\nhost = \"h\"\nport = 25\npassword = 987654321\n");
-        assert!(msg.contains("must be a string") && !msg.contains("987654321"), "{msg}");
-        let msg = problems("[server.smtp]\nhost = \"h\"\nport = 25\nusername = \"u\"\npassword = \"hunter2\"\nbogus = 1\n");
+        assert!(
+            msg.contains("must be a string") && !msg.contains("987654321"),
+            "{msg}"
+        );
+        let msg = problems(
+            "[server.smtp]\nhost = \"h\"\nport = 25\nusername = \"u\"\npassword = \"hunter2\"\nbogus = 1\n",
+        );
         assert!(!msg.contains("hunter2"), "{msg}");
     }
 
@@ -836,9 +856,13 @@ appName = "Acme Health"
 
     #[test]
     fn project_secure_inferred_from_port() {
-        let ProjectSmtp::Active(r) = project(GOOD).smtp else { panic!() };
+        let ProjectSmtp::Active(r) = project(GOOD).smtp else {
+            panic!()
+        };
         assert_eq!(r.target.tls, TlsMode::StartTls);
-        let ProjectSmtp::Active(r) = project(&GOOD.replace("587", "465")).smtp else { panic!() };
+        let ProjectSmtp::Active(r) = project(&GOOD.replace("587", "465")).smtp else {
+            panic!()
+        };
         assert_eq!(r.target.tls, TlsMode::Implicit);
         let ProjectSmtp::Active(r) = project(&format!("{GOOD}smtpSecure = false")).smtp else {
             panic!()
@@ -859,7 +883,11 @@ appName = "Acme Health"
             ("smtpPassword", "", "smtpPassword"),
             ("smtpPassword", "smtpPassword = 5", "smtpPassword"),
             ("smtpFromAddress", "", "smtpFromAddress"),
-            ("smtpFromAddress", "smtpFromAddress = \"nope\"", "smtpFromAddress"),
+            (
+                "smtpFromAddress",
+                "smtpFromAddress = \"nope\"",
+                "smtpFromAddress",
+            ),
             ("smtpHost", "smtpHost = \"\"", "smtpHost"),
             ("smtpHost", "smtpHost = 7", "smtpHost"),
         ];
@@ -873,19 +901,28 @@ appName = "Acme Health"
             let p = project(&body);
             assert_eq!(p.smtp.bad_entries(), vec![name.to_string()], "{body}");
         }
-        let p = project(&format!("{GOOD}smtpSecure = \"yes\"\nsmtpApprovedSenders = 3\n"));
+        let p = project(&format!(
+            "{GOOD}smtpSecure = \"yes\"\nsmtpApprovedSenders = 3\n"
+        ));
         assert_eq!(p.smtp.bad_entries(), ["smtpSecure", "smtpApprovedSenders"]);
         let p = project("smtpHost = \"h\"\n");
         assert_eq!(
             p.smtp.bad_entries(),
-            ["smtpUsername", "smtpPassword", "smtpPort", "smtpFromAddress"]
+            [
+                "smtpUsername",
+                "smtpPassword",
+                "smtpPort",
+                "smtpFromAddress"
+            ]
         );
     }
 
     #[test]
     fn approved_list_may_be_an_array() {
-        let ProjectSmtp::Active(r) =
-            project(&format!("{GOOD}smtpApprovedSenders = [\"x@p.example\", \" y@p.example \"]")).smtp
+        let ProjectSmtp::Active(r) = project(&format!(
+            "{GOOD}smtpApprovedSenders = [\"x@p.example\", \" y@p.example \"]"
+        ))
+        .smtp
         else {
             panic!()
         };
@@ -899,7 +936,13 @@ appName = "Acme Health"
         ))
         .unwrap();
         let report = c.check_report();
-        assert_eq!(report[0], ("acme".into(), Ok("ok: smtp via smtp.sendgrid.net:465 (tls)".into())));
+        assert_eq!(
+            report[0],
+            (
+                "acme".into(),
+                Ok("ok: smtp via smtp.sendgrid.net:465 (tls)".into())
+            )
+        );
         assert_eq!(report[1], ("beta".into(), Ok("server transport".into())));
         let (_, Err(e)) = &report[2] else { panic!() };
         assert!(e.starts_with("error: smtpUsername missing"), "{e}");
@@ -911,7 +954,12 @@ appName = "Acme Health"
         let msg = problems(
             "[listener]\nsmtps = \"127.0.0.1:1\"\nhostname = \"a b\"\n[server]\nsupportEmail = \"x\"\n[server.smtp]\nhost = \"h\"\nport = 25\n[server.capture]\ndir = \"o\"\n",
         );
-        for key in ["listener.smtps", "listener.hostname", "server.supportEmail", "server: set one"] {
+        for key in [
+            "listener.smtps",
+            "listener.hostname",
+            "server.supportEmail",
+            "server: set one",
+        ] {
             assert!(msg.contains(key), "{key} missing from {msg}");
         }
     }

@@ -155,7 +155,10 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn close<S: AsyncWrite + Unpin>(mut stream: S, out: &[u8]) -> Result<Next<S>, ConnectionError> {
+async fn close<S: AsyncWrite + Unpin>(
+    mut stream: S,
+    out: &[u8],
+) -> Result<Next<S>, ConnectionError> {
     stream.write_all(out).await?;
     stream.flush().await?;
     let _ = stream.shutdown().await;

@@ -11,10 +11,19 @@ use project_relay::{Listeners, tls};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(version, about = "SMTP relay proxy that applies the Project SMTP rules")]
+#[command(
+    version,
+    about = "SMTP relay proxy that applies the Project SMTP rules"
+)]
 struct Cli {
     /// Path to relay.toml.
-    #[arg(long, short, global = true, env = "PROJECT_RELAY_CONFIG", default_value = "relay.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "PROJECT_RELAY_CONFIG",
+        default_value = "relay.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -51,7 +60,10 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
 }
 
@@ -124,8 +136,12 @@ fn check(path: &std::path::Path) -> ExitCode {
         .values()
         .filter(|p| matches!(p.smtp, ProjectSmtp::Misconfigured(_)))
         .count();
-    if misconfigured > 0 {
-        eprintln!("{misconfigured} project(s) misconfigured");
+    if misconfigured > 0 && config.server.allow_project_smtp {
+        eprintln!("{misconfigured} project(s) misconfigured: their mail is refused with 451 4.3.5");
     }
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

@@ -10,7 +10,10 @@ use crate::smtp::Reply;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport<'c> {
     /// The project's own relay (`smtpHost`).
-    Project { name: &'c str, target: &'c SmtpTarget },
+    Project {
+        name: &'c str,
+        target: &'c SmtpTarget,
+    },
     /// The server-wide provider.
     Server(&'c Provider),
 }
@@ -51,7 +54,10 @@ impl Field {
 }
 
 fn trim_wsp_end(b: &[u8]) -> &[u8] {
-    let n = b.iter().rposition(|c| *c != b' ' && *c != b'\t').map_or(0, |i| i + 1);
+    let n = b
+        .iter()
+        .rposition(|c| *c != b' ' && *c != b'\t')
+        .map_or(0, |i| i + 1);
     &b[..n]
 }
 
@@ -150,7 +156,9 @@ pub fn decide<'c>(config: &'c Config, data: &[u8]) -> Result<Decision<'c>, Reply
         [only] => approved_sender(only.value(data), approved),
         _ => None,
     };
-    let kept_verbatim = caller.as_ref().is_some_and(|mb| mb.name.is_some() || app_name.is_none());
+    let kept_verbatim = caller
+        .as_ref()
+        .is_some_and(|mb| mb.name.is_some() || app_name.is_none());
     let resolved = match caller {
         Some(mb) => mb,
         None => default_from.cloned().ok_or(Reply::NO_SERVER_SENDER)?,
@@ -306,9 +314,16 @@ smtpUsername = "u"
     #[test]
     fn project_header_routes_to_project_relay() {
         let c = config("");
-        let (d, out) = run(&c, "X-Project-Id: acme\r\nFrom: alice@acme.example\r\nSubject: s\r\n\r\nbody\r\n").unwrap();
+        let (d, out) = run(
+            &c,
+            "X-Project-Id: acme\r\nFrom: alice@acme.example\r\nSubject: s\r\n\r\nbody\r\n",
+        )
+        .unwrap();
         assert_eq!(project_of(&d), Some("acme"));
-        assert_eq!(out, "From: alice@acme.example\r\nSubject: s\r\n\r\nbody\r\n");
+        assert_eq!(
+            out,
+            "From: alice@acme.example\r\nSubject: s\r\n\r\nbody\r\n"
+        );
         assert_eq!(d.envelope_from, "alice@acme.example");
         assert!(!d.from_rewritten);
     }
@@ -351,7 +366,10 @@ smtpUsername = "u"
             let (d, out) = run(&c, msg).unwrap();
             assert!(matches!(d.transport, Transport::Server(_)), "{msg}");
             assert_eq!(d.envelope_from, "noreply@example.com");
-            assert!(out.starts_with("From: Example <noreply@example.com>\r\n"), "{out}");
+            assert!(
+                out.starts_with("From: Example <noreply@example.com>\r\n"),
+                "{out}"
+            );
             assert!(!out.contains("X-Project-Id"));
         }
     }
@@ -361,7 +379,11 @@ smtpUsername = "u"
         let mut c = config("");
         c.server.allow_project_smtp = false;
         for id in ["acme", "broken"] {
-            let (d, out) = run(&c, &format!("X-Project-Id: {id}\r\nFrom: alice@acme.example\r\n\r\nb\r\n")).unwrap();
+            let (d, out) = run(
+                &c,
+                &format!("X-Project-Id: {id}\r\nFrom: alice@acme.example\r\n\r\nb\r\n"),
+            )
+            .unwrap();
             assert!(matches!(d.transport, Transport::Server(_)));
             // The project's approved list is not consulted on the server transport.
             assert_eq!(d.envelope_from, "noreply@example.com");
@@ -374,7 +396,10 @@ smtpUsername = "u"
         let c = config("");
         let r = run(&c, "X-Project-Id: broken\r\n\r\nb\r\n").unwrap_err();
         assert_eq!((r.code, r.enhanced.as_deref()), (451, Some("4.3.5")));
-        assert!(r.text.starts_with("Project SMTP configuration is incomplete or invalid"));
+        assert!(
+            r.text
+                .starts_with("Project SMTP configuration is incomplete or invalid")
+        );
         for name in ["smtpPort", "smtpPassword", "smtpFromAddress"] {
             assert!(r.text.contains(name), "{}", r.text);
         }
@@ -384,17 +409,28 @@ smtpUsername = "u"
     #[test]
     fn unapproved_from_replaced_by_project_default() {
         let c = config("");
-        let (d, out) = run(&c, "X-Project-Id: acme\r\nFrom: Mallory <mallory@acme.example>\r\n\r\nb\r\n").unwrap();
+        let (d, out) = run(
+            &c,
+            "X-Project-Id: acme\r\nFrom: Mallory <mallory@acme.example>\r\n\r\nb\r\n",
+        )
+        .unwrap();
         assert_eq!(out, "From: Acme <noreply@acme.example>\r\n\r\nb\r\n");
         assert_eq!(d.envelope_from, "noreply@acme.example");
         assert!(d.from_rewritten);
-        assert_eq!(d.original_from.as_deref(), Some("Mallory <mallory@acme.example>"));
+        assert_eq!(
+            d.original_from.as_deref(),
+            Some("Mallory <mallory@acme.example>")
+        );
     }
 
     #[test]
     fn approved_from_kept_with_display_name_and_case_insensitive() {
         let c = config("");
-        let (d, out) = run(&c, "X-Project-Id: acme\r\nFrom: \"Bob B.\" <BOB@Acme.Example>\r\n\r\nb\r\n").unwrap();
+        let (d, out) = run(
+            &c,
+            "X-Project-Id: acme\r\nFrom: \"Bob B.\" <BOB@Acme.Example>\r\n\r\nb\r\n",
+        )
+        .unwrap();
         assert_eq!(out, "From: \"Bob B.\" <BOB@Acme.Example>\r\n\r\nb\r\n");
         assert_eq!(d.envelope_from, "BOB@Acme.Example");
     }
@@ -402,7 +438,11 @@ smtpUsername = "u"
     #[test]
     fn server_list_never_used_for_project_and_vice_versa() {
         let c = config("");
-        let (d, _) = run(&c, "X-Project-Id: acme\r\nFrom: alerts@example.com\r\n\r\nb\r\n").unwrap();
+        let (d, _) = run(
+            &c,
+            "X-Project-Id: acme\r\nFrom: alerts@example.com\r\n\r\nb\r\n",
+        )
+        .unwrap();
         assert_eq!(d.envelope_from, "noreply@acme.example");
         let (d, _) = run(&c, "From: alice@acme.example\r\n\r\nb\r\n").unwrap();
         assert_eq!(d.envelope_from, "noreply@example.com");
@@ -414,15 +454,26 @@ smtpUsername = "u"
     #[test]
     fn multiple_addresses_or_fields_use_default_and_leave_one_from() {
         let c = config("");
-        let (_, out) = run(&c, "X-Project-Id: acme\r\nFrom: alice@acme.example, bob@acme.example\r\n\r\nb\r\n").unwrap();
+        let (_, out) = run(
+            &c,
+            "X-Project-Id: acme\r\nFrom: alice@acme.example, bob@acme.example\r\n\r\nb\r\n",
+        )
+        .unwrap();
         assert_eq!(out, "From: Acme <noreply@acme.example>\r\n\r\nb\r\n");
         let (_, out) = run(
             &c,
             "X-Project-Id: acme\r\nFrom: alice@acme.example\r\nTo: x@y.example\r\nFrom: bob@acme.example\r\n\r\nb\r\n",
         )
         .unwrap();
-        assert_eq!(out, "From: Acme <noreply@acme.example>\r\nTo: x@y.example\r\n\r\nb\r\n");
-        let (_, out) = run(&c, "X-Project-Id: acme\r\nFrom: team: alice@acme.example;\r\n\r\nb\r\n").unwrap();
+        assert_eq!(
+            out,
+            "From: Acme <noreply@acme.example>\r\nTo: x@y.example\r\n\r\nb\r\n"
+        );
+        let (_, out) = run(
+            &c,
+            "X-Project-Id: acme\r\nFrom: team: alice@acme.example;\r\n\r\nb\r\n",
+        )
+        .unwrap();
         assert_eq!(out.matches("From:").count(), 1);
         assert!(out.starts_with("From: Acme <noreply@acme.example>"));
     }
@@ -431,23 +482,40 @@ smtpUsername = "u"
     fn missing_from_added() {
         let c = config("");
         let (d, out) = run(&c, "X-Project-Id: acme\r\nSubject: s\r\n\r\nb\r\n").unwrap();
-        assert_eq!(out, "From: Acme <noreply@acme.example>\r\nSubject: s\r\n\r\nb\r\n");
+        assert_eq!(
+            out,
+            "From: Acme <noreply@acme.example>\r\nSubject: s\r\n\r\nb\r\n"
+        );
         assert!(d.from_rewritten);
         assert_eq!(d.original_from, None);
         // A message with no header section at all.
         let (_, out) = run(&c, "\r\nbody only\r\n").unwrap();
-        assert_eq!(out, "From: Example <noreply@example.com>\r\n\r\nbody only\r\n");
+        assert_eq!(
+            out,
+            "From: Example <noreply@example.com>\r\n\r\nbody only\r\n"
+        );
     }
 
     #[test]
     fn app_name_fills_a_bare_from() {
         let c = config("");
         let (_, out) = run(&c, "X-Project-Id: health\r\n\r\nb\r\n").unwrap();
-        assert_eq!(out, "From: Acme Health <noreply@health.example>\r\n\r\nb\r\n");
-        let (d, out) = run(&c, "X-Project-Id: health\r\nFrom: carol@health.example\r\n\r\nb\r\n").unwrap();
+        assert_eq!(
+            out,
+            "From: Acme Health <noreply@health.example>\r\n\r\nb\r\n"
+        );
+        let (d, out) = run(
+            &c,
+            "X-Project-Id: health\r\nFrom: carol@health.example\r\n\r\nb\r\n",
+        )
+        .unwrap();
         assert_eq!(out, "From: Acme Health <carol@health.example>\r\n\r\nb\r\n");
         assert!(d.from_rewritten);
-        let (d, out) = run(&c, "X-Project-Id: health\r\nFrom: Carol <carol@health.example>\r\n\r\nb\r\n").unwrap();
+        let (d, out) = run(
+            &c,
+            "X-Project-Id: health\r\nFrom: Carol <carol@health.example>\r\n\r\nb\r\n",
+        )
+        .unwrap();
         assert_eq!(out, "From: Carol <carol@health.example>\r\n\r\nb\r\n");
         assert!(!d.from_rewritten);
         // appName of a project without project SMTP does not apply on the server transport.
@@ -463,8 +531,15 @@ smtpUsername = "u"
             "X-Project-Id: acme\r\nSender: someone@else.example\r\nFrom: alice@acme.example\r\nSender: again@else.example\r\n\r\nb\r\n",
         )
         .unwrap();
-        assert_eq!(out, "Sender: alice@acme.example\r\nFrom: alice@acme.example\r\n\r\nb\r\n");
-        let (_, out) = run(&c, "X-Project-Id: acme\r\nFrom: alice@acme.example\r\n\r\nb\r\n").unwrap();
+        assert_eq!(
+            out,
+            "Sender: alice@acme.example\r\nFrom: alice@acme.example\r\n\r\nb\r\n"
+        );
+        let (_, out) = run(
+            &c,
+            "X-Project-Id: acme\r\nFrom: alice@acme.example\r\n\r\nb\r\n",
+        )
+        .unwrap();
         assert!(!out.contains("Sender"));
     }
 
@@ -493,14 +568,22 @@ smtpUsername = "u"
     fn no_support_email_refused_unless_sender_approved() {
         let mut c = config("");
         c.server.support_email = None;
-        assert_eq!(run(&c, "Subject: s\r\n\r\nb\r\n").unwrap_err(), Reply::NO_SERVER_SENDER);
+        assert_eq!(
+            run(&c, "Subject: s\r\n\r\nb\r\n").unwrap_err(),
+            Reply::NO_SERVER_SENDER
+        );
         assert!(run(&c, "From: alerts@example.com\r\n\r\nb\r\n").is_ok());
     }
 
     #[test]
     fn malformed_header_section_refused() {
         let c = config("");
-        for msg in ["not a header\r\n\r\nb\r\n", " continuation first\r\n\r\n", "Bad Name: x\r\n\r\n", ": x\r\n\r\n"] {
+        for msg in [
+            "not a header\r\n\r\nb\r\n",
+            " continuation first\r\n\r\n",
+            "Bad Name: x\r\n\r\n",
+            ": x\r\n\r\n",
+        ] {
             assert_eq!(run(&c, msg).unwrap_err(), Reply::BAD_HEADER, "{msg:?}");
         }
     }

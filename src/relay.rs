@@ -51,13 +51,20 @@ impl Relay {
         };
         let (transport, upstream) = match &decision.transport {
             Transport::Project { target, .. } => ("project smtp", Some(target.host.as_str())),
-            Transport::Server(Provider::Smtp(target)) => ("server smtp", Some(target.host.as_str())),
+            Transport::Server(Provider::Smtp(target)) => {
+                ("server smtp", Some(target.host.as_str()))
+            }
             Transport::Server(Provider::Capture(_)) => ("capture", None),
         };
         let reply = match decision.transport {
             Transport::Project { target, .. } | Transport::Server(Provider::Smtp(target)) => self
                 .upstreams
-                .send(target, &decision.envelope_from, &tx.recipients, &decision.message)
+                .send(
+                    target,
+                    &decision.envelope_from,
+                    &tx.recipients,
+                    &decision.message,
+                )
                 .await
                 .map_or_else(|r| r, |accepted| Reply::delivered(&accepted.text)),
             Transport::Server(Provider::Capture(root)) => {
@@ -74,10 +81,9 @@ impl Relay {
                     ..capture::Envelope::default()
                 };
                 let message = decision.message;
-                let written = tokio::task::spawn_blocking(move || {
-                    capture::write(&dir, envelope, &message)
-                })
-                .await;
+                let written =
+                    tokio::task::spawn_blocking(move || capture::write(&dir, envelope, &message))
+                        .await;
                 match written {
                     Ok(Ok(path)) => Reply::captured(&path.display().to_string()),
                     Ok(Err(e)) => Reply::capture_failed(&e.to_string()),

@@ -109,7 +109,10 @@ pub async fn run(
         let _ = l.await;
     }
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("grace period over; closing {} sessions", tracker.len());
     }
     tracing::info!("stopped");

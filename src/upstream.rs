@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use lettre::address::{Address, Envelope};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters};
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
+};
 use lettre::transport::smtp::extension::ClientId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -131,10 +133,16 @@ impl Upstreams {
     }
 
     /// A live connection: an idle one that still answers NOOP, or a new one.
-    async fn checkout(&self, pool: &Pool, target: &SmtpTarget) -> Result<AsyncSmtpConnection, Reply> {
+    async fn checkout(
+        &self,
+        pool: &Pool,
+        target: &SmtpTarget,
+    ) -> Result<AsyncSmtpConnection, Reply> {
         loop {
             let candidate = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let Some((mut conn, since)) = candidate else { break };
+            let Some((mut conn, since)) = candidate else {
+                break;
+            };
             if since.elapsed() > MAX_IDLE_AGE {
                 continue;
             }
@@ -218,7 +226,8 @@ fn envelope(from: &str, recipients: &[String]) -> Result<Envelope, Reply> {
         .iter()
         .map(|r| parse(r))
         .collect::<Result<Vec<_>, _>>()?;
-    Envelope::new(Some(parse(from)?), to).map_err(|e| Reply::bad_upstream_address(from, &e.to_string()))
+    Envelope::new(Some(parse(from)?), to)
+        .map_err(|e| Reply::bad_upstream_address(from, &e.to_string()))
 }
 
 fn code_of(s: &str) -> u16 {
@@ -275,13 +284,21 @@ impl AsyncTokioStream for TlsStream {
 }
 
 impl AsyncRead for TlsStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -25,7 +25,14 @@ async fn ehlo_advertises_the_extensions() {
     let greeting = c.expect(220).await;
     assert!(greeting.starts_with("220 relay.test ESMTP"), "{greeting}");
     let ehlo = c.cmd("EHLO me", 250).await;
-    for ext in ["250-relay.test", "PIPELINING", "SIZE 100000", "8BITMIME", "ENHANCEDSTATUSCODES", "STARTTLS"] {
+    for ext in [
+        "250-relay.test",
+        "PIPELINING",
+        "SIZE 100000",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "STARTTLS",
+    ] {
         assert!(ehlo.contains(ext), "{ext} missing: {ehlo}");
     }
     // Without a certificate there is no STARTTLS.
@@ -55,7 +62,8 @@ async fn pipelined_commands_get_one_reply_each_in_order() {
     c.expect(250).await;
     c.expect(250).await;
     c.expect(354).await;
-    c.send_raw(b"Subject: q\r\n\r\nho\r\n.\r\nNOOP\r\nQUIT\r\n").await;
+    c.send_raw(b"Subject: q\r\n\r\nho\r\n.\r\nNOOP\r\nQUIT\r\n")
+        .await;
     c.expect(250).await;
     c.expect(250).await;
     c.expect(221).await;
@@ -99,7 +107,13 @@ async fn bad_commands_get_replies_and_the_session_goes_on() {
         let got = c.cmd(line, want[..3].parse().unwrap()).await;
         assert!(got.starts_with(want), "{line}: expected {want}, got {got}");
     }
-    let reply = c.mail("app@app.example", &["a@x.example"], b"Subject: s\r\n\r\nstill works\r\n").await;
+    let reply = c
+        .mail(
+            "app@app.example",
+            &["a@x.example"],
+            b"Subject: s\r\n\r\nstill works\r\n",
+        )
+        .await;
     assert!(reply.starts_with("250"), "{reply}");
     assert_eq!(up.received().len(), 1);
 }
@@ -147,7 +161,13 @@ async fn line_over_998_octets_in_data_is_refused() {
 async fn nul_in_data_is_refused() {
     let (relay, up) = setup("").await;
     let mut c = relay.client().await;
-    let reply = c.send_mail("app@app.example", &["a@x.example"], b"Subject: nul\r\n\r\na\0b\r\n").await;
+    let reply = c
+        .send_mail(
+            "app@app.example",
+            &["a@x.example"],
+            b"Subject: nul\r\n\r\na\0b\r\n",
+        )
+        .await;
     assert!(reply.starts_with("550 5.6.0"), "{reply}");
     assert_eq!(up.connections(), 0);
 }
@@ -185,7 +205,10 @@ async fn smuggling_sequences_never_split_a_message() {
             c.send_raw(&data).await;
             let reply = c.reply().await;
             // One reply for the one message the client sent: accepted whole or refused whole.
-            assert!(reply.starts_with("250") || reply.starts_with("550") || reply.starts_with("554"), "{fake:?}: {reply}");
+            assert!(
+                reply.starts_with("250") || reply.starts_with("550") || reply.starts_with("554"),
+                "{fake:?}: {reply}"
+            );
             if reply.starts_with("250") {
                 expected_messages += 1;
             }
@@ -200,15 +223,26 @@ async fn smuggling_sequences_never_split_a_message() {
         assert!(m.data.ends_with(b"tail\r\n"));
         for (j, b) in m.wire.iter().enumerate() {
             if *b == b'\n' {
-                assert_eq!(m.wire.get(j.wrapping_sub(1)), Some(&b'\r'), "bare LF forwarded");
+                assert_eq!(
+                    m.wire.get(j.wrapping_sub(1)),
+                    Some(&b'\r'),
+                    "bare LF forwarded"
+                );
             }
             if *b == b'\r' {
                 assert_eq!(m.wire.get(j + 1), Some(&b'\n'), "bare CR forwarded");
             }
         }
     }
-    assert!(up.commands().iter().all(|c| !c.contains("evil@evil.example")));
-    assert!(expected_messages >= 10, "most cases are normalised and delivered");
+    assert!(
+        up.commands()
+            .iter()
+            .all(|c| !c.contains("evil@evil.example"))
+    );
+    assert!(
+        expected_messages >= 10,
+        "most cases are normalised and delivered"
+    );
 }
 
 #[tokio::test]
@@ -219,7 +253,8 @@ async fn bare_lf_message_is_normalised_to_crlf() {
     c.cmd("MAIL FROM:<app@app.example>", 250).await;
     c.cmd("RCPT TO:<a@x.example>", 250).await;
     c.cmd("DATA", 354).await;
-    c.send_raw(b"Subject: unix\nFrom: app@app.example\n\nline\n.\nend\r\n.\r\n").await;
+    c.send_raw(b"Subject: unix\nFrom: app@app.example\n\nline\n.\nend\r\n.\r\n")
+        .await;
     assert!(c.expect(250).await.starts_with("250"));
     assert_eq!(
         String::from_utf8_lossy(&up.received()[0].data),
@@ -230,7 +265,10 @@ async fn bare_lf_message_is_normalised_to_crlf() {
 async fn starttls(c: Client<TcpStream>) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = c.stream.into_inner();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = common::tls_client().connect(name, tcp).await.expect("handshake");
+    let tls = common::tls_client()
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
     Client::new(tls)
 }
 
@@ -245,7 +283,13 @@ async fn starttls_upgrades_and_restarts_the_session() {
     let ehlo = c.cmd("EHLO me", 250).await;
     assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
     c.cmd("STARTTLS", 503).await;
-    let reply = c.mail("app@app.example", &["a@x.example"], b"Subject: tls\r\n\r\nsecret\r\n").await;
+    let reply = c
+        .mail(
+            "app@app.example",
+            &["a@x.example"],
+            b"Subject: tls\r\n\r\nsecret\r\n",
+        )
+        .await;
     assert!(reply.starts_with("250"), "{reply}");
     assert_eq!(up.received().len(), 1);
 }
@@ -255,7 +299,8 @@ async fn bytes_pipelined_after_starttls_are_discarded() {
     let (relay, up) = setup(TLS_LISTENER).await;
     let mut c = relay.client().await;
     c.cmd("EHLO me", 250).await;
-    c.send_raw(b"STARTTLS\r\nMAIL FROM:<evil@evil.example>\r\nRCPT TO:<victim@x.example>\r\n").await;
+    c.send_raw(b"STARTTLS\r\nMAIL FROM:<evil@evil.example>\r\nRCPT TO:<victim@x.example>\r\n")
+        .await;
     c.expect(220).await;
     let mut c = starttls(c).await;
     c.cmd("EHLO me", 250).await;
@@ -270,12 +315,21 @@ async fn implicit_tls_listener() {
     let (relay, up) = setup(TLS_LISTENER).await;
     let tcp = TcpStream::connect(relay.smtps.unwrap()).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = common::tls_client().connect(name, tcp).await.expect("handshake");
+    let tls = common::tls_client()
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
     let mut c = Client::new(tls);
     c.expect(220).await;
     let ehlo = c.cmd("EHLO me", 250).await;
     assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
-    let reply = c.mail("app@app.example", &["a@x.example"], b"Subject: smtps\r\n\r\nhi\r\n").await;
+    let reply = c
+        .mail(
+            "app@app.example",
+            &["a@x.example"],
+            b"Subject: smtps\r\n\r\nhi\r\n",
+        )
+        .await;
     assert!(reply.starts_with("250"), "{reply}");
     assert_eq!(up.received().len(), 1);
 }

@@ -71,9 +71,18 @@ async fn project_mail_goes_to_the_project_relay_byte_exact() {
         "Received: from app\r\n\tby host; folded\r\nX-Project-Id: acme\r\nFrom: Alice A <alice@acme.example>\r\n{BODY}{long_line}"
     );
     let mut c = relay.client().await;
-    let reply = c.send_mail("bounce@app.example", &["carol@dest.example"], msg.as_bytes()).await;
+    let reply = c
+        .send_mail(
+            "bounce@app.example",
+            &["carol@dest.example"],
+            msg.as_bytes(),
+        )
+        .await;
     assert!(reply.starts_with("250 2.0.0"), "{reply}");
-    assert!(reply.contains("queued as TEST"), "upstream's text passed on: {reply}");
+    assert!(
+        reply.contains("queued as TEST"),
+        "upstream's text passed on: {reply}"
+    );
 
     let got = project.received();
     assert_eq!(got.len(), 1);
@@ -85,9 +94,16 @@ async fn project_mail_goes_to_the_project_relay_byte_exact() {
     assert_eq!(String::from_utf8_lossy(&got[0].data), expected);
     // Dot-stuffed on the wire, and no extra empty line before the end marker.
     let wire = String::from_utf8_lossy(&got[0].wire);
-    assert!(wire.contains("\r\n..starts with a dot\r\n...two dots\r\n..\r\n"), "{wire}");
+    assert!(
+        wire.contains("\r\n..starts with a dot\r\n...two dots\r\n..\r\n"),
+        "{wire}"
+    );
     assert!(wire.ends_with(&format!("{long_line}.\r\n")), "{wire:?}");
-    assert!(got[0].mail_params.contains("BODY=8BITMIME"), "8-bit announced: {}", got[0].mail_params);
+    assert!(
+        got[0].mail_params.contains("BODY=8BITMIME"),
+        "8-bit announced: {}",
+        got[0].mail_params
+    );
 }
 
 #[tokio::test]
@@ -95,7 +111,9 @@ async fn unapproved_from_is_replaced_by_the_project_default() {
     let (relay, project, _server) = setup("").await;
     let msg = "X-Project-Id: acme\r\nFrom: Mallory <mallory@acme.example>\r\nSender: mallory@acme.example\r\nSubject: s\r\n\r\nhi\r\n";
     let mut c = relay.client().await;
-    let reply = c.send_mail("mallory@acme.example", &["x@dest.example"], msg.as_bytes()).await;
+    let reply = c
+        .send_mail("mallory@acme.example", &["x@dest.example"], msg.as_bytes())
+        .await;
     assert!(reply.starts_with("250"), "{reply}");
     let got = project.received();
     assert_eq!(got[0].mail_from, "noreply@acme.example");
@@ -110,10 +128,17 @@ async fn approved_from_matches_case_insensitively_and_keeps_its_name() {
     let (relay, project, _server) = setup("").await;
     let msg = "x-project-id:  acme \r\nFrom: \"Bob, the builder\" <bob@ACME.example>\r\n\r\nhi\r\n";
     let mut c = relay.client().await;
-    assert!(c.send_mail("b@app.example", &["x@dest.example"], msg.as_bytes()).await.starts_with("250"));
+    assert!(
+        c.send_mail("b@app.example", &["x@dest.example"], msg.as_bytes())
+            .await
+            .starts_with("250")
+    );
     let got = project.received();
     assert_eq!(got[0].mail_from, "bob@ACME.example");
-    assert_eq!(String::from_utf8_lossy(&got[0].data), "From: \"Bob, the builder\" <bob@ACME.example>\r\n\r\nhi\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&got[0].data),
+        "From: \"Bob, the builder\" <bob@ACME.example>\r\n\r\nhi\r\n"
+    );
 }
 
 #[tokio::test]
@@ -121,12 +146,27 @@ async fn missing_from_is_added_and_several_become_one() {
     let (relay, project, _server) = setup("").await;
     let mut c = relay.client().await;
     let msg = "X-Project-Id: acme\r\nSubject: none\r\n\r\nhi\r\n";
-    assert!(c.send_mail("b@app.example", &["x@dest.example"], msg.as_bytes()).await.starts_with("250"));
-    let msg = "From: alice@acme.example\r\nX-Project-Id: acme\r\nFrom: bob@acme.example\r\n\r\nhi\r\n";
-    assert!(c.mail("b@app.example", &["x@dest.example"], msg.as_bytes()).await.starts_with("250"));
+    assert!(
+        c.send_mail("b@app.example", &["x@dest.example"], msg.as_bytes())
+            .await
+            .starts_with("250")
+    );
+    let msg =
+        "From: alice@acme.example\r\nX-Project-Id: acme\r\nFrom: bob@acme.example\r\n\r\nhi\r\n";
+    assert!(
+        c.mail("b@app.example", &["x@dest.example"], msg.as_bytes())
+            .await
+            .starts_with("250")
+    );
     let got = project.received();
-    assert_eq!(String::from_utf8_lossy(&got[0].data), "From: Acme <noreply@acme.example>\r\nSubject: none\r\n\r\nhi\r\n");
-    assert_eq!(String::from_utf8_lossy(&got[1].data), "From: Acme <noreply@acme.example>\r\n\r\nhi\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&got[0].data),
+        "From: Acme <noreply@acme.example>\r\nSubject: none\r\n\r\nhi\r\n"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got[1].data),
+        "From: Acme <noreply@acme.example>\r\n\r\nhi\r\n"
+    );
 }
 
 #[tokio::test]
@@ -134,18 +174,30 @@ async fn server_routes_use_the_server_rules() {
     let (relay, project, server) = setup("").await;
     let mut c = relay.client().await;
     c.cmd("EHLO client.test", 250).await;
-    for (i, header) in ["", "X-Project-Id: nosuch\r\n", "X-Project-Id: plain\r\n"].iter().enumerate() {
+    for (i, header) in ["", "X-Project-Id: nosuch\r\n", "X-Project-Id: plain\r\n"]
+        .iter()
+        .enumerate()
+    {
         // alice is approved for acme only: on the server transport she is replaced.
         let msg = format!("{header}From: alice@acme.example\r\n\r\nmsg {i}\r\n");
-        let reply = c.mail("b@app.example", &["x@dest.example"], msg.as_bytes()).await;
+        let reply = c
+            .mail("b@app.example", &["x@dest.example"], msg.as_bytes())
+            .await;
         assert!(reply.starts_with("250"), "{reply}");
         let got = server.received();
         assert_eq!(got[i].mail_from, "noreply@example.com");
-        assert_eq!(String::from_utf8_lossy(&got[i].data), format!("From: Example <noreply@example.com>\r\n\r\nmsg {i}\r\n"));
+        assert_eq!(
+            String::from_utf8_lossy(&got[i].data),
+            format!("From: Example <noreply@example.com>\r\n\r\nmsg {i}\r\n")
+        );
     }
     // A server-approved sender is kept.
     let msg = "From: Alerts <alerts@example.com>\r\n\r\nhi\r\n";
-    assert!(c.mail("b@app.example", &["x@dest.example"], msg.as_bytes()).await.starts_with("250"));
+    assert!(
+        c.mail("b@app.example", &["x@dest.example"], msg.as_bytes())
+            .await
+            .starts_with("250")
+    );
     assert_eq!(server.received()[3].mail_from, "alerts@example.com");
     assert!(project.received().is_empty());
     assert_eq!(project.connections(), 0);
@@ -170,17 +222,26 @@ async fn misconfigured_project_is_refused_and_nothing_is_sent() {
     let (relay, project, server) = setup("").await;
     let mut c = relay.client().await;
     let msg = "X-Project-Id: broken\r\nFrom: a@broken.example\r\n\r\nhi\r\n";
-    let reply = c.send_mail("b@app.example", &["x@dest.example"], msg.as_bytes()).await;
+    let reply = c
+        .send_mail("b@app.example", &["x@dest.example"], msg.as_bytes())
+        .await;
     assert!(
         reply.starts_with("451 4.3.5 Project SMTP configuration is incomplete or invalid"),
         "{reply}"
     );
-    assert!(reply.contains("smtpPort") && reply.contains("smtpPassword"), "{reply}");
+    assert!(
+        reply.contains("smtpPort") && reply.contains("smtpPassword"),
+        "{reply}"
+    );
     assert!(!reply.contains("smtpUsername"), "{reply}");
     assert_eq!(project.connections() + server.connections(), 0);
     // Other projects keep working on the same session.
     let msg = "X-Project-Id: acme\r\nFrom: alice@acme.example\r\n\r\nhi\r\n";
-    assert!(c.mail("b@app.example", &["x@dest.example"], msg.as_bytes()).await.starts_with("250"));
+    assert!(
+        c.mail("b@app.example", &["x@dest.example"], msg.as_bytes())
+            .await
+            .starts_with("250")
+    );
     assert_eq!(project.received().len(), 1);
 }
 
@@ -189,7 +250,9 @@ async fn two_project_headers_are_refused() {
     let (relay, project, server) = setup("").await;
     let mut c = relay.client().await;
     let msg = "X-Project-Id: acme\r\nX-PROJECT-ID: acme\r\n\r\nhi\r\n";
-    let reply = c.send_mail("b@app.example", &["x@dest.example"], msg.as_bytes()).await;
+    let reply = c
+        .send_mail("b@app.example", &["x@dest.example"], msg.as_bytes())
+        .await;
     assert!(reply.starts_with("550 5.7.1"), "{reply}");
     assert_eq!(project.connections() + server.connections(), 0);
 }
@@ -203,9 +266,21 @@ async fn no_server_provider_is_refused_not_dropped() {
     ))
     .await;
     let mut c = relay.client().await;
-    let reply = c.send_mail("b@app.example", &["x@dest.example"], b"Subject: s\r\n\r\nhi\r\n").await;
+    let reply = c
+        .send_mail(
+            "b@app.example",
+            &["x@dest.example"],
+            b"Subject: s\r\n\r\nhi\r\n",
+        )
+        .await;
     assert!(reply.starts_with("451 4.3.5"), "{reply}");
-    let reply = c.mail("b@app.example", &["x@dest.example"], b"X-Project-Id: acme\r\n\r\nhi\r\n").await;
+    let reply = c
+        .mail(
+            "b@app.example",
+            &["x@dest.example"],
+            b"X-Project-Id: acme\r\n\r\nhi\r\n",
+        )
+        .await;
     assert!(reply.starts_with("250"), "{reply}");
 }
 
@@ -214,7 +289,9 @@ async fn several_recipients_reach_the_upstream() {
     let (relay, project, _server) = setup("").await;
     let mut c = relay.client().await;
     let rcpts = ["a@one.example", "b@two.example", "c@three.example"];
-    let reply = c.send_mail("b@app.example", &rcpts, b"X-Project-Id: acme\r\n\r\nhi\r\n").await;
+    let reply = c
+        .send_mail("b@app.example", &rcpts, b"X-Project-Id: acme\r\n\r\nhi\r\n")
+        .await;
     assert!(reply.starts_with("250"), "{reply}");
     assert_eq!(project.received()[0].rcpts, rcpts);
 }
@@ -222,7 +299,8 @@ async fn several_recipients_reach_the_upstream() {
 #[tokio::test]
 async fn ten_megabyte_message_is_byte_exact() {
     let (relay, project, _server) = setup("").await;
-    let mut msg = b"X-Project-Id: acme\r\nFrom: alice@acme.example\r\nSubject: big\r\n\r\n".to_vec();
+    let mut msg =
+        b"X-Project-Id: acme\r\nFrom: alice@acme.example\r\nSubject: big\r\n\r\n".to_vec();
     let mut i = 0u64;
     while msg.len() < 10 * 1024 * 1024 {
         // Varied lines: some start with a dot, some are 8-bit.
@@ -235,7 +313,9 @@ async fn ten_megabyte_message_is_byte_exact() {
         i += 1;
     }
     let mut c = relay.client().await;
-    let reply = c.send_mail("b@app.example", &["x@dest.example"], &msg).await;
+    let reply = c
+        .send_mail("b@app.example", &["x@dest.example"], &msg)
+        .await;
     assert!(reply.starts_with("250"), "{reply}");
     let got = project.received();
     let expected = &msg[b"X-Project-Id: acme\r\n".len()..];
@@ -250,9 +330,21 @@ async fn capture_transport_writes_eml_and_envelope() {
     .await;
     let mut c = relay.client().await;
     let msg = "X-Project-Id: demo\r\nFrom: someone@else.example\r\nSubject: s\r\n\r\nhi\r\n";
-    let reply = c.send_mail("app@else.example", &["x@dest.example", "y@dest.example"], msg.as_bytes()).await;
+    let reply = c
+        .send_mail(
+            "app@else.example",
+            &["x@dest.example", "y@dest.example"],
+            msg.as_bytes(),
+        )
+        .await;
     assert!(reply.starts_with("250 2.0.0 Ok: captured as"), "{reply}");
-    let c2 = c.mail("app@else.example", &["z@dest.example"], b"Subject: server\r\n\r\nhi\r\n").await;
+    let c2 = c
+        .mail(
+            "app@else.example",
+            &["z@dest.example"],
+            b"Subject: server\r\n\r\nhi\r\n",
+        )
+        .await;
     assert!(c2.starts_with("250"), "{c2}");
 
     let files = |sub: &str| -> Vec<std::path::PathBuf> {
@@ -277,7 +369,10 @@ async fn capture_transport_writes_eml_and_envelope() {
     assert_eq!(env["project"], "demo");
     assert_eq!(env["mail_from"], "noreply@example.com");
     assert_eq!(env["client_mail_from"], "app@else.example");
-    assert_eq!(env["recipients"], serde_json::json!(["x@dest.example", "y@dest.example"]));
+    assert_eq!(
+        env["recipients"],
+        serde_json::json!(["x@dest.example", "y@dest.example"])
+    );
     assert_eq!(env["original_from"], "someone@else.example");
     assert_eq!(env["resolved_from"], "Example <noreply@example.com>");
     assert_eq!(env["from_rewritten"], true);
@@ -288,9 +383,10 @@ async fn capture_transport_writes_eml_and_envelope() {
 #[tokio::test]
 async fn lettre_client_happy_path() {
     let (relay, project, _server) = setup("").await;
-    let transport = lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous("127.0.0.1")
-        .port(relay.smtp.port())
-        .build();
+    let transport =
+        lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous("127.0.0.1")
+            .port(relay.smtp.port())
+            .build();
     let envelope = lettre::address::Envelope::new(
         Some("app@app.example".parse().unwrap()),
         vec!["carol@dest.example".parse().unwrap()],
@@ -298,7 +394,10 @@ async fn lettre_client_happy_path() {
     .unwrap();
     // lettre appends CRLF.CRLF itself, so the message's last line goes without its CRLF.
     let msg = b"X-Project-Id: acme\r\nFrom: Alice <alice@acme.example>\r\nSubject: via lettre\r\n\r\n.hello";
-    let response = transport.send_raw(&envelope, msg).await.expect("relay accepts");
+    let response = transport
+        .send_raw(&envelope, msg)
+        .await
+        .expect("relay accepts");
     assert_eq!(response.code().to_string(), "250");
     let got = project.received();
     assert_eq!(got[0].mail_from, "alice@acme.example");
@@ -310,11 +409,13 @@ async fn lettre_client_happy_path() {
 
 #[tokio::test]
 async fn the_shipped_relay_toml_runs() {
-    let mut config = project_relay::Config::load(&common::repo().join("relay.toml")).expect("shipped relay.toml is valid");
+    let mut config = project_relay::Config::load(&common::repo().join("relay.toml"))
+        .expect("shipped relay.toml is valid");
     let dir = tempfile::tempdir().unwrap();
     config.listener.smtp = Some("127.0.0.1:0".into());
     config.listener.smtps = Some("127.0.0.1:0".into());
-    let project_relay::config::Provider::Capture(outbox) = config.server.provider.as_mut().unwrap() else {
+    let project_relay::config::Provider::Capture(outbox) = config.server.provider.as_mut().unwrap()
+    else {
         panic!("the shipped relay.toml captures server mail")
     };
     assert!(outbox.ends_with("outbox"));
@@ -323,9 +424,17 @@ async fn the_shipped_relay_toml_runs() {
     let mut c = relay.client().await;
     let ehlo = c.cmd("EHLO me", 250).await;
     assert!(ehlo.contains("STARTTLS"), "{ehlo}");
-    let reply = c.mail("me@app.example", &["you@example.com"], b"X-Project-Id: demo\r\nSubject: hi\r\n\r\nhello\r\n").await;
+    let reply = c
+        .mail(
+            "me@app.example",
+            &["you@example.com"],
+            b"X-Project-Id: demo\r\nSubject: hi\r\n\r\nhello\r\n",
+        )
+        .await;
     assert!(reply.starts_with("250"), "{reply}");
-    let written: Vec<_> = std::fs::read_dir(relay.dir().join("outbox/demo")).unwrap().collect();
+    let written: Vec<_> = std::fs::read_dir(relay.dir().join("outbox/demo"))
+        .unwrap()
+        .collect();
     assert_eq!(written.len(), 2);
     assert!(relay.smtps.is_some());
 }
@@ -339,6 +448,7 @@ impl Client<tokio::net::TcpStream> {
             self.send("EHLO client.test").await;
             self.reply().await;
         }
-        self.mail("b@app.example", &["x@dest.example"], msg.as_bytes()).await
+        self.mail("b@app.example", &["x@dest.example"], msg.as_bytes())
+            .await
     }
 }

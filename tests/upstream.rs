@@ -8,17 +8,27 @@ use common::{Relay, Script, Upstream};
 fn project(name: &str, up: &Upstream, extra: &str) -> String {
     format!(
         "[projects.{name}]\nsmtpHost = \"{host}\"\nsmtpPort = {port}\nsmtpUsername = \"user-{name}\"\nsmtpPassword = \"pw-{name}\"\nsmtpFromAddress = \"noreply@{name}.example\"\n{extra}\n",
-        host = if extra.contains("smtpSecure") || extra.contains("#tls") { "localhost" } else { "127.0.0.1" },
+        host = if extra.contains("smtpSecure") || extra.contains("#tls") {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        },
         port = up.port()
     )
 }
 
 fn creds(names: &[&str]) -> Vec<(String, String)> {
-    names.iter().map(|n| (format!("user-{n}"), format!("pw-{n}"))).collect()
+    names
+        .iter()
+        .map(|n| (format!("user-{n}"), format!("pw-{n}")))
+        .collect()
 }
 
 async fn relay_for(projects: &str) -> Relay {
-    Relay::start(&format!("[upstream]\ntimeout_secs = 2\nca_file = \"certs/ca.crt\"\n{projects}")).await
+    Relay::start(&format!(
+        "[upstream]\ntimeout_secs = 2\nca_file = \"certs/ca.crt\"\n{projects}"
+    ))
+    .await
 }
 
 const MSG: &[u8] = b"X-Project-Id: acme\r\nSubject: s\r\n\r\nhi\r\n";
@@ -39,35 +49,55 @@ fn script(f: impl FnOnce(&mut Script)) -> Script {
 
 #[tokio::test]
 async fn upstream_permanent_refusal_reaches_the_client_as_5xx() {
-    let up = Upstream::start(script(|s| s.data_end = Some("554 5.7.1 Spam detected".into()))).await;
+    let up = Upstream::start(script(|s| {
+        s.data_end = Some("554 5.7.1 Spam detected".into())
+    }))
+    .await;
     let relay = relay_for(&project("acme", &up, "")).await;
     let reply = send(&relay, MSG, &["x@dest.example"]).await;
-    assert!(reply.starts_with("554 5.7.1 Upstream refused: Spam detected"), "{reply}");
+    assert!(
+        reply.starts_with("554 5.7.1 Upstream refused: Spam detected"),
+        "{reply}"
+    );
 }
 
 #[tokio::test]
 async fn upstream_deferral_reaches_the_client_as_4xx() {
-    let up = Upstream::start(script(|s| s.mail = Some("451 4.7.1 Greylisted, try later".into()))).await;
+    let up = Upstream::start(script(|s| {
+        s.mail = Some("451 4.7.1 Greylisted, try later".into())
+    }))
+    .await;
     let relay = relay_for(&project("acme", &up, "")).await;
     let reply = send(&relay, MSG, &["x@dest.example"]).await;
-    assert!(reply.starts_with("451 4.7.1 Upstream refused: Greylisted, try later"), "{reply}");
+    assert!(
+        reply.starts_with("451 4.7.1 Upstream refused: Greylisted, try later"),
+        "{reply}"
+    );
     // An upstream reply without an enhanced code gets one of its class.
     up.script(|s| s.mail = Some("452 mailbox full".into()));
     let reply = send(&relay, MSG, &["x@dest.example"]).await;
-    assert!(reply.starts_with("452 4.0.0 Upstream refused: mailbox full"), "{reply}");
+    assert!(
+        reply.starts_with("452 4.0.0 Upstream refused: mailbox full"),
+        "{reply}"
+    );
 }
 
 #[tokio::test]
 async fn a_refused_recipient_sends_nothing() {
     let up = Upstream::start(script(|s| {
-        s.rcpt.insert("bad@dest.example".into(), "550 5.1.1 No such user".into());
+        s.rcpt
+            .insert("bad@dest.example".into(), "550 5.1.1 No such user".into());
     }))
     .await;
     let relay = relay_for(&project("acme", &up, "")).await;
     let reply = send(&relay, MSG, &["ok@dest.example", "bad@dest.example"]).await;
     assert!(reply.starts_with("550 5.1.1"), "{reply}");
     assert!(up.received().is_empty());
-    assert!(!up.commands().iter().any(|c| c == "DATA"), "{:?}", up.commands());
+    assert!(
+        !up.commands().iter().any(|c| c == "DATA"),
+        "{:?}",
+        up.commands()
+    );
 }
 
 #[tokio::test]
@@ -121,7 +151,11 @@ async fn upstream_auth_failure_is_a_4xx_and_never_shows_the_password() {
 async fn project_credentials_are_used() {
     let up = Upstream::start(script(|_| {})).await;
     let relay = relay_for(&project("acme", &up, "")).await;
-    assert!(send(&relay, MSG, &["x@dest.example"]).await.starts_with("250"));
+    assert!(
+        send(&relay, MSG, &["x@dest.example"])
+            .await
+            .starts_with("250")
+    );
     assert_eq!(up.received()[0].auth_user.as_deref(), Some("user-acme"));
     assert!(!up.received()[0].tls);
 }
@@ -150,7 +184,10 @@ async fn implicit_tls_upstream() {
 
 #[tokio::test]
 async fn untrusted_upstream_certificate_is_refused() {
-    let bad = common::tls_server("tests/fixtures/untrusted.crt", "tests/fixtures/untrusted.key");
+    let bad = common::tls_server(
+        "tests/fixtures/untrusted.crt",
+        "tests/fixtures/untrusted.key",
+    );
     let up = Upstream::start(script(|s| s.implicit_tls = Some(bad.clone()))).await;
     let relay = relay_for(&project("acme", &up, "smtpSecure = true")).await;
     let reply = send(&relay, MSG, &["x@dest.example"]).await;
@@ -170,7 +207,11 @@ async fn connections_are_pooled_across_sessions() {
     let up = Upstream::start(script(|_| {})).await;
     let relay = relay_for(&project("acme", &up, "")).await;
     for _ in 0..5 {
-        assert!(send(&relay, MSG, &["x@dest.example"]).await.starts_with("250"));
+        assert!(
+            send(&relay, MSG, &["x@dest.example"])
+                .await
+                .starts_with("250")
+        );
     }
     assert_eq!(up.received().len(), 5);
     assert_eq!(up.connections(), 1);
@@ -180,7 +221,11 @@ async fn connections_are_pooled_across_sessions() {
 async fn a_pooled_connection_that_died_is_replaced_without_failing_the_message() {
     let up = Upstream::start(script(|_| {})).await;
     let relay = relay_for(&project("acme", &up, "")).await;
-    assert!(send(&relay, MSG, &["x@dest.example"]).await.starts_with("250"));
+    assert!(
+        send(&relay, MSG, &["x@dest.example"])
+            .await
+            .starts_with("250")
+    );
     up.kill_connections();
     let reply = send(&relay, MSG, &["x@dest.example"]).await;
     assert!(reply.starts_with("250"), "{reply}");
@@ -195,10 +240,19 @@ async fn different_credentials_never_share_a_connection() {
         ..Script::default()
     })
     .await;
-    let relay = relay_for(&format!("{}{}", project("acme", &up, ""), project("beta", &up, ""))).await;
+    let relay = relay_for(&format!(
+        "{}{}",
+        project("acme", &up, ""),
+        project("beta", &up, "")
+    ))
+    .await;
     for id in ["acme", "beta", "acme", "beta"] {
         let msg = format!("X-Project-Id: {id}\r\n\r\nhi\r\n");
-        assert!(send(&relay, msg.as_bytes(), &["x@dest.example"]).await.starts_with("250"));
+        assert!(
+            send(&relay, msg.as_bytes(), &["x@dest.example"])
+                .await
+                .starts_with("250")
+        );
     }
     let got = up.received();
     let users: Vec<_> = got.iter().map(|r| r.auth_user.clone().unwrap()).collect();
@@ -214,7 +268,12 @@ async fn different_credentials_never_share_a_connection() {
 async fn eight_bit_message_to_a_seven_bit_upstream_is_refused_permanently() {
     let up = Upstream::start(script(|s| s.no_8bitmime = true)).await;
     let relay = relay_for(&project("acme", &up, "")).await;
-    let reply = send(&relay, "X-Project-Id: acme\r\n\r\nh\u{e9}llo\r\n".as_bytes(), &["x@dest.example"]).await;
+    let reply = send(
+        &relay,
+        "X-Project-Id: acme\r\n\r\nh\u{e9}llo\r\n".as_bytes(),
+        &["x@dest.example"],
+    )
+    .await;
     assert!(reply.starts_with("554 5.3.3"), "{reply}");
     let reply = send(&relay, MSG, &["x@dest.example"]).await;
     assert!(reply.starts_with("250"), "{reply}");

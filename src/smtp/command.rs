@@ -205,14 +205,20 @@ mod tests {
     #[test]
     fn table() {
         let ok: &[(&str, Command)] = &[
-            ("EHLO client.example", Command::Ehlo("client.example".into())),
+            (
+                "EHLO client.example",
+                Command::Ehlo("client.example".into()),
+            ),
             ("ehlo [127.0.0.1]", Command::Ehlo("[127.0.0.1]".into())),
             ("HELO x", Command::Helo("x".into())),
             ("MAIL FROM:<a@b.example>", mail("a@b.example")),
             ("mail from: <a@b.example>", mail("a@b.example")),
             ("MAIL FROM:<>", mail("")),
             ("MAIL FROM:a@b.example", mail("a@b.example")),
-            ("MAIL FROM:<@relay.example:a@b.example>", mail("a@b.example")),
+            (
+                "MAIL FROM:<@relay.example:a@b.example>",
+                mail("a@b.example"),
+            ),
             (
                 "MAIL FROM:<a@b.example> SIZE=1000 BODY=8BITMIME",
                 Command::Mail(MailFrom {
@@ -230,7 +236,10 @@ mod tests {
                 }),
             ),
             ("RCPT TO:<c@d.example>", Command::Rcpt("c@d.example".into())),
-            ("rcpt to:<\"odd name\"@d.example>", Command::Rcpt("\"odd name\"@d.example".into())),
+            (
+                "rcpt to:<\"odd name\"@d.example>",
+                Command::Rcpt("\"odd name\"@d.example".into()),
+            ),
             ("DATA", Command::Data),
             ("data  ", Command::Data),
             ("RSET", Command::Rset),

@@ -15,11 +15,17 @@ pub const MAX_LINE: usize = 998;
 enum State {
     /// At the start of a line; `after_crlf` is false when the previous line ended in a bare
     /// CR or LF, because only a dot line between two real CRLFs ends the data.
-    LineStart { after_crlf: bool },
+    LineStart {
+        after_crlf: bool,
+    },
     /// A line that began with a dot; the dot is held back until we know whether it is
     /// stuffing, a lone content dot, or the end marker.
-    Dot { after_crlf: bool },
-    DotCr { after_crlf: bool },
+    Dot {
+        after_crlf: bool,
+    },
+    DotCr {
+        after_crlf: bool,
+    },
     InLine,
     Cr,
 }
@@ -61,8 +67,8 @@ impl DataReader {
             match self.state {
                 State::InLine => {
                     // Copy the run of ordinary bytes in one go.
-                    let run = memchr::memchr3(b'\r', b'\n', 0, &input[i..])
-                        .unwrap_or(input.len() - i);
+                    let run =
+                        memchr::memchr3(b'\r', b'\n', 0, &input[i..]).unwrap_or(input.len() - i);
                     if run > 0 {
                         self.push(&input[i..i + run]);
                         self.line_len += run;
@@ -199,7 +205,10 @@ mod tests {
 
     #[test]
     fn plain_message() {
-        assert_eq!(body(b"Subject: x\r\n\r\nhi\r\n.\r\n"), b"Subject: x\r\n\r\nhi\r\n");
+        assert_eq!(
+            body(b"Subject: x\r\n\r\nhi\r\n.\r\n"),
+            b"Subject: x\r\n\r\nhi\r\n"
+        );
     }
 
     #[test]
@@ -209,7 +218,10 @@ mod tests {
 
     #[test]
     fn dot_unstuffing() {
-        assert_eq!(body(b"..\r\n..x\r\n.y\r\nz.\r\n.\r\n"), b".\r\n.x\r\ny\r\nz.\r\n");
+        assert_eq!(
+            body(b"..\r\n..x\r\n.y\r\nz.\r\n.\r\n"),
+            b".\r\n.x\r\ny\r\nz.\r\n"
+        );
     }
 
     #[test]
@@ -226,7 +238,10 @@ mod tests {
 
     #[test]
     fn bare_lf_and_cr_are_normalised() {
-        assert_eq!(body(b"a\nb\rc\r\r\nd\r\n.\r\n"), b"a\r\nb\r\nc\r\n\r\nd\r\n");
+        assert_eq!(
+            body(b"a\nb\rc\r\r\nd\r\n.\r\n"),
+            b"a\r\nb\r\nc\r\n\r\nd\r\n"
+        );
     }
 
     /// Every smuggling sequence the issue names, in the middle of a body and as the first bytes
@@ -256,7 +271,10 @@ mod tests {
                 if let Ok(out) = result {
                     // Never a bare CR or LF left, and no line is a lone dot after CRLF framing
                     // other than as content lettre will stuff.
-                    assert!(!has_bare_cr_or_lf(&out), "{fake:?} left bare CR/LF: {out:?}");
+                    assert!(
+                        !has_bare_cr_or_lf(&out),
+                        "{fake:?} left bare CR/LF: {out:?}"
+                    );
                     assert!(out.ends_with(b"tail\r\n"));
                     let text = String::from_utf8_lossy(&out);
                     assert!(text.contains("MAIL FROM:<evil@x.example>\r\n"));
@@ -305,7 +323,10 @@ mod tests {
         // The stuffed dot counts: it is on the wire.
         let mut stuffed = vec![b'.'; MAX_LINE + 1];
         stuffed.extend_from_slice(b"\r\n.\r\n");
-        assert_eq!(read(&stuffed).unwrap().1.unwrap_err(), Reply::LONG_TEXT_LINE);
+        assert_eq!(
+            read(&stuffed).unwrap().1.unwrap_err(),
+            Reply::LONG_TEXT_LINE
+        );
     }
 
     #[test]

@@ -136,7 +136,11 @@ impl Reply {
     pub const READY_TLS: Reply = r(220, "2.0.0", "Ready to start TLS");
     pub const SHUTTING_DOWN: Reply = r(421, "4.3.0", "Service shutting down, closing connection");
     pub const IDLE_TIMEOUT: Reply = r(421, "4.4.2", "Idle timeout, closing connection");
-    pub const SESSION_TIMEOUT: Reply = r(421, "4.4.2", "Session time limit reached, closing connection");
+    pub const SESSION_TIMEOUT: Reply = r(
+        421,
+        "4.4.2",
+        "Session time limit reached, closing connection",
+    );
     pub const TOO_MANY_ERRORS: Reply = r(421, "4.7.0", "Too many errors, closing connection");
 
     // ----- command errors -----
@@ -163,7 +167,11 @@ impl Reply {
 
     // ----- message content -----
 
-    pub const TOO_LARGE: Reply = r(552, "5.3.4", "Message size exceeds fixed maximum message size");
+    pub const TOO_LARGE: Reply = r(
+        552,
+        "5.3.4",
+        "Message size exceeds fixed maximum message size",
+    );
     pub const LONG_TEXT_LINE: Reply = r(
         550,
         "5.6.0",
@@ -256,7 +264,11 @@ impl Reply {
     }
 
     pub fn upstream_cannot_carry(detail: &str) -> Reply {
-        Reply::new(554, "5.3.3", &format!("Upstream cannot carry this message: {detail}"))
+        Reply::new(
+            554,
+            "5.3.3",
+            &format!("Upstream cannot carry this message: {detail}"),
+        )
     }
 
     pub fn upstream_protocol(detail: &str) -> Reply {
@@ -272,7 +284,11 @@ impl Reply {
     }
 
     pub fn capture_failed(detail: &str) -> Reply {
-        Reply::new(451, "4.3.0", &format!("Could not write captured message: {detail}"))
+        Reply::new(
+            451,
+            "4.3.0",
+            &format!("Could not write captured message: {detail}"),
+        )
     }
 }
 
@@ -315,15 +331,21 @@ mod tests {
     #[test]
     fn upstream_enhanced_code_reused_only_when_class_matches() {
         assert_eq!(
-            Reply::upstream_refused(451, "4.7.1 greylisted").enhanced.as_deref(),
+            Reply::upstream_refused(451, "4.7.1 greylisted")
+                .enhanced
+                .as_deref(),
             Some("4.7.1")
         );
         assert_eq!(
-            Reply::upstream_refused(451, "5.7.1 odd").enhanced.as_deref(),
+            Reply::upstream_refused(451, "5.7.1 odd")
+                .enhanced
+                .as_deref(),
             Some("4.0.0")
         );
         assert_eq!(
-            Reply::upstream_refused(550, "mailbox unavailable").enhanced.as_deref(),
+            Reply::upstream_refused(550, "mailbox unavailable")
+                .enhanced
+                .as_deref(),
             Some("5.0.0")
         );
     }

@@ -196,7 +196,10 @@ impl Session {
             (Command::StartTls, _) => (State::Fresh, Event::StartTls(Reply::READY_TLS)),
             (_, State::Fresh) => (State::Fresh, self.error(Reply::NEED_HELO)),
             (Command::Mail(from), State::Greeted) => {
-                if from.size.is_some_and(|n| n > self.settings.max_message_size as u64) {
+                if from
+                    .size
+                    .is_some_and(|n| n > self.settings.max_message_size as u64)
+                {
                     (State::Greeted, self.error(Reply::TOO_LARGE))
                 } else {
                     (State::Mail { from }, Event::Reply(Reply::SENDER_OK))
@@ -325,7 +328,14 @@ mod tests {
         );
         assert_eq!(out[0].lines().next(), Some("250-relay.test"));
         assert!(out[0].ends_with("250 STARTTLS"));
-        assert_eq!(&out[1..4], ["250 2.1.0 Sender ok", "250 2.1.5 Recipient ok", "354 End data with <CR><LF>.<CR><LF>"]);
+        assert_eq!(
+            &out[1..4],
+            [
+                "250 2.1.0 Sender ok",
+                "250 2.1.5 Recipient ok",
+                "354 End data with <CR><LF>.<CR><LF>"
+            ]
+        );
         assert_eq!(out[4], "relay a@b.example [\"c@d.example\"] hi\\r\\n");
         assert_eq!(out[5], "close 221 2.0.0 Bye");
     }
@@ -337,7 +347,10 @@ mod tests {
             &mut s,
             b"MAIL FROM:<a@b.example>\r\nEHLO c\r\nRCPT TO:<c@d.example>\r\nDATA\r\nMAIL FROM:<a@b.example>\r\nDATA\r\nMAIL FROM:<a@b.example>\r\n",
         );
-        assert_eq!(codes(&out), ["503", "250", "503", "503", "250", "503", "503"]);
+        assert_eq!(
+            codes(&out),
+            ["503", "250", "503", "503", "250", "503", "503"]
+        );
         assert!(out[2].contains("Send MAIL first"));
         assert!(out[5].contains("Send RCPT first"));
         assert!(out[6].contains("Sender already specified"));
@@ -350,7 +363,10 @@ mod tests {
             &mut s,
             b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRSET\r\nRCPT TO:<c@d.example>\r\nNOOP\r\nVRFY x\r\nHELP\r\n",
         );
-        assert_eq!(codes(&out), ["250", "250", "250", "503", "250", "252", "214"]);
+        assert_eq!(
+            codes(&out),
+            ["250", "250", "250", "503", "250", "252", "214"]
+        );
     }
 
     #[test]
@@ -368,13 +384,17 @@ mod tests {
     fn declared_size_too_large() {
         let mut s = session();
         let out = run(&mut s, b"EHLO c\r\nMAIL FROM:<a@b.example> SIZE=1001\r\n");
-        assert_eq!(out[1], "552 5.3.4 Message size exceeds fixed maximum message size");
+        assert_eq!(
+            out[1],
+            "552 5.3.4 Message size exceeds fixed maximum message size"
+        );
     }
 
     #[test]
     fn data_too_large_keeps_session() {
         let mut s = session();
-        let mut input = b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n".to_vec();
+        let mut input =
+            b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n".to_vec();
         for _ in 0..30 {
             input.extend_from_slice(&[b'x'; 50]);
             input.extend_from_slice(b"\r\n");
@@ -404,7 +424,10 @@ mod tests {
                     other => panic!("{other:?}"),
                 }
             }
-            assert!(buf.len() <= MAX_COMMAND_LINE + 300, "buffer must stay bounded");
+            assert!(
+                buf.len() <= MAX_COMMAND_LINE + 300,
+                "buffer must stay bounded"
+            );
         }
         assert_eq!(out[1], "500 5.5.2 Line too long");
         assert_eq!(out[2], "250 2.0.0 Ok");
@@ -465,7 +488,10 @@ mod tests {
         let input = b"BOGUS\r\n".repeat(MAX_ERRORS as usize);
         let out = run(&mut s, &input);
         assert_eq!(out.len(), MAX_ERRORS as usize);
-        assert_eq!(out.last().unwrap(), "close 421 4.7.0 Too many errors, closing connection");
+        assert_eq!(
+            out.last().unwrap(),
+            "close 421 4.7.0 Too many errors, closing connection"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+#[allow(unused_imports)]
 pub use upstream::{Script, Upstream};
 
 /// How long a test waits for any one reply before failing instead of hanging.
@@ -56,7 +57,11 @@ impl Relay {
         let smtp = listeners.smtp_addr().expect("smtp listener");
         let smtps = listeners.smtps_addr();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(project_relay::run(Arc::new(config), listeners, shutdown.clone()));
+        let task = tokio::spawn(project_relay::run(
+            Arc::new(config),
+            listeners,
+            shutdown.clone(),
+        ));
         Relay {
             smtp,
             smtps,
@@ -139,7 +144,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Reads a reply and checks its code; returns its text.
     pub async fn expect(&mut self, code: u16) -> String {
         let r = self.reply().await;
-        assert!(r.starts_with(&code.to_string()), "expected {code}, got {r:?}");
+        assert!(
+            r.starts_with(&code.to_string()),
+            "expected {code}, got {r:?}"
+        );
         r
     }
 
@@ -228,7 +236,10 @@ pub fn tls_server(cert: &str, key: &str) -> Arc<rustls::ServerConfig> {
 pub async fn eventually(mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + STEP;
     while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "condition not met in time");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in time"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -129,18 +129,25 @@ async fn serve(tcp: TcpStream, state: Arc<State>, id: usize, kill: CancellationT
         (s.implicit_tls.clone(), s.starttls.clone())
     };
     if let Some(cfg) = implicit {
-        let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else { return };
+        let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
+            return;
+        };
         session(tls, &state, id, true, true, &kill).await;
         return;
     }
     if let Some(tcp) = session(tcp, &state, id, false, true, &kill).await {
         let cfg = starttls.expect("STARTTLS only when offered");
-        let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else { return };
+        let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
+            return;
+        };
         session(tls, &state, id, true, false, &kill).await;
     }
 }
 
-async fn read_line<S: AsyncRead + Unpin>(r: &mut BufReader<S>, kill: &CancellationToken) -> Option<Vec<u8>> {
+async fn read_line<S: AsyncRead + Unpin>(
+    r: &mut BufReader<S>,
+    kill: &CancellationToken,
+) -> Option<Vec<u8>> {
     let mut line = Vec::new();
     tokio::select! {
         n = r.read_until(b'\n', &mut line) => match n { Ok(0) | Err(_) => None, Ok(_) => Some(line) },
@@ -172,12 +179,18 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut rcpts: Vec<String> = Vec::new();
     loop {
         let line = read_line(&mut r, kill).await?;
-        let text = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_string();
+        let text = String::from_utf8_lossy(&line)
+            .trim_end_matches(['\r', '\n'])
+            .to_string();
         state.commands.lock().unwrap().push(text.clone());
         let upper = text.to_ascii_uppercase();
         let script = state.script.lock().unwrap().clone();
         if upper.starts_with("EHLO") {
-            let mut ext = vec!["upstream.test".to_string(), "PIPELINING".into(), "SIZE 52428800".into()];
+            let mut ext = vec![
+                "upstream.test".to_string(),
+                "PIPELINING".into(),
+                "SIZE 52428800".into(),
+            ];
             if !script.no_8bitmime {
                 ext.push("8BITMIME".into());
             }
@@ -206,19 +219,25 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             }
             let b64 = base64::engine::general_purpose::STANDARD;
             let words: Vec<&str> = text.split_whitespace().collect();
-            let (got_user, got_pass) = match words.get(1).map(|m| m.to_ascii_uppercase()).as_deref() {
+            let (got_user, got_pass) = match words.get(1).map(|m| m.to_ascii_uppercase()).as_deref()
+            {
                 Some("PLAIN") => {
                     let arg = match words.get(2) {
                         Some(a) => a.to_string(),
                         None => {
                             say!("334 ");
-                            String::from_utf8_lossy(&read_line(&mut r, kill).await?).trim().to_string()
+                            String::from_utf8_lossy(&read_line(&mut r, kill).await?)
+                                .trim()
+                                .to_string()
                         }
                     };
                     let raw = b64.decode(arg).unwrap_or_default();
                     let parts: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
                     match parts.as_slice() {
-                        [_, u, p] => (String::from_utf8_lossy(u).into_owned(), String::from_utf8_lossy(p).into_owned()),
+                        [_, u, p] => (
+                            String::from_utf8_lossy(u).into_owned(),
+                            String::from_utf8_lossy(p).into_owned(),
+                        ),
                         _ => (String::new(), String::new()),
                     }
                 }
@@ -227,7 +246,13 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     let u = read_line(&mut r, kill).await?;
                     say!("334 UGFzc3dvcmQ6");
                     let p = read_line(&mut r, kill).await?;
-                    let dec = |l: Vec<u8>| String::from_utf8_lossy(&b64.decode(String::from_utf8_lossy(&l).trim()).unwrap_or_default()).into_owned();
+                    let dec = |l: Vec<u8>| {
+                        String::from_utf8_lossy(
+                            &b64.decode(String::from_utf8_lossy(&l).trim())
+                                .unwrap_or_default(),
+                        )
+                        .into_owned()
+                    };
                     (dec(u), dec(p))
                 }
                 _ => {
@@ -235,7 +260,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     continue;
                 }
             };
-            if script.auth.iter().any(|(u, p)| *u == got_user && *p == got_pass) {
+            if script
+                .auth
+                .iter()
+                .any(|(u, p)| *u == got_user && *p == got_pass)
+            {
                 authed = Some(got_user);
                 say!("235 2.7.0 ok");
             } else {
@@ -288,7 +317,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 kill.cancelled().await;
                 return None;
             }
-            let reply = script.data_end.clone().unwrap_or_else(|| "250 2.0.0 queued as TEST".into());
+            let reply = script
+                .data_end
+                .clone()
+                .unwrap_or_else(|| "250 2.0.0 queued as TEST".into());
             if reply.starts_with('2') {
                 let (mail_from, mail_params) = mail.take().unwrap();
                 state.received.lock().unwrap().push(Received {
@@ -323,7 +355,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
 fn split_path(rest: &str) -> (String, String) {
     let rest = rest.trim_start();
     match (rest.find('<'), rest.find('>')) {
-        (Some(a), Some(b)) if a < b => (rest[a + 1..b].to_string(), rest[b + 1..].trim().to_string()),
+        (Some(a), Some(b)) if a < b => {
+            (rest[a + 1..b].to_string(), rest[b + 1..].trim().to_string())
+        }
         _ => (rest.to_string(), String::new()),
     }
 }

@@ -1,0 +1,195 @@
+//! The binary: `check` output and exit codes, and `serve` announcing its listeners.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_project-relay"));
+    c.current_dir(common::repo());
+    c.env_remove("PROJECT_RELAY_CONFIG");
+    c.env("NO_COLOR", "1");
+    c
+}
+
+fn write_config(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let out = bin()
+        .args(["check", "--config", "relay.toml"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("demo: server transport"), "{stdout}");
+    assert!(stdout.contains("server: capture to"), "{stdout}");
+}
+
+const PROJECTS: &str = r#"
+[server.capture]
+dir = "outbox"
+[projects.acme]
+smtpHost = "smtp.acme.example"
+smtpPort = 465
+smtpUsername = "apikey"
+smtpPassword = "hunter2-acme-password"
+smtpFromAddress = "Acme <noreply@acme.example>"
+[projects.beta]
+smtpHost = "smtp.beta.example"
+smtpPort = 587
+smtpUsername = "u"
+smtpPassword = "hunter2-beta-password"
+smtpFromAddress = "noreply@beta.example"
+[projects.plain]
+appName = "Plain"
+[projects.broken]
+smtpHost = "smtp.broken.example"
+smtpPort = "587"
+smtpPassword = "hunter2-broken-password"
+smtpFromAddress = "noreply@broken.example"
+"#;
+
+#[test]
+fn check_reports_each_project_and_never_a_password() {
+    let (_dir, path) = write_config(PROJECTS);
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "misconfigured project fails the check"
+    );
+    assert!(
+        stdout.contains("acme: ok: smtp via smtp.acme.example:465 (tls)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("beta: ok: smtp via smtp.beta.example:587 (starttls)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("plain: server transport"), "{stdout}");
+    let broken = stdout.lines().find(|l| l.starts_with("broken:")).unwrap();
+    assert!(broken.starts_with("broken: error:"), "{broken}");
+    assert!(
+        broken.contains("smtpPort") && broken.contains("smtpUsername"),
+        "{broken}"
+    );
+    assert!(
+        !stdout.contains("hunter2") && !stderr.contains("hunter2"),
+        "{stdout}{stderr}"
+    );
+
+    let fixed = PROJECTS
+        .replace(
+            "[projects.broken]",
+            "[projects.broken]\nsmtpUsername = \"u\"",
+        )
+        .replace("smtpPort = \"587\"", "smtpPort = 587");
+    let (_dir, path) = write_config(&fixed);
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn check_names_an_unknown_key_and_its_line() {
+    let (_dir, path) =
+        write_config("[projects.acme]\nsmtpHots = \"x\"\nsmtpPassword = \"hunter2\"\n");
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains("line 2") && stderr.contains("smtpHots"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"));
+}
+
+#[test]
+fn config_path_may_come_from_the_environment() {
+    let out = bin()
+        .arg("check")
+        .env("PROJECT_RELAY_CONFIG", "relay.toml")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn serve_logs_its_listeners_and_stops_on_sigterm() {
+    let (dir, path) = write_config(&format!(
+        "[listener]\nsmtp = \"127.0.0.1:0\"\n[server.capture]\ndir = \"{}\"\n{}",
+        "outbox",
+        PROJECTS.replace("[server.capture]\ndir = \"outbox\"", "")
+    ));
+    let mut child = bin()
+        .arg("--config")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    let addr = loop {
+        let line = lines.next().expect("relay exited early").unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.trim().to_string();
+        }
+    };
+    let addr: std::net::SocketAddr = addr.parse().expect("an address after 'listening on'");
+    assert_ne!(addr.port(), 0);
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    let mut greeting = String::new();
+    BufReader::new(&mut sock).read_line(&mut greeting).unwrap();
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    drop(sock);
+    terminate(child.id());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit 0 on SIGTERM");
+    for line in lines {
+        log.push_str(&line.unwrap());
+    }
+    assert!(log.contains("broken") && !log.contains("hunter2"), "{log}");
+    drop(dir);
+}
+
+fn terminate(pid: u32) {
+    let ok = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
