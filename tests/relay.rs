@@ -452,3 +452,68 @@ impl Client<tokio::net::TcpStream> {
             .await
     }
 }
+
+#[tokio::test]
+async fn smtputf8_recipients_and_headers_pass_through() {
+    let project = Upstream::start(Script {
+        smtputf8: true,
+        ..auth_script()
+    })
+    .await;
+    let server = Upstream::start(Script::default()).await;
+    let relay = Relay::start(&config(&project, &server, "")).await;
+    let mut c = relay.client().await;
+    c.cmd("EHLO client.test", 250).await;
+    c.cmd("MAIL FROM:<jörg@app.example> SMTPUTF8", 250).await;
+    c.cmd("RCPT TO:<josé@bücher.example>", 250).await;
+    c.cmd("DATA", 354).await;
+    let msg = "X-Project-Id: acme\r\nFrom: Jörg <jörg@app.example>\r\nSubject: Grüße\r\n\r\nÄ\r\n";
+    c.send_raw(&common::stuff(msg.as_bytes())).await;
+    let reply = c.reply().await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let got = project.received();
+    assert_eq!(got[0].rcpts, ["josé@bücher.example"]);
+    assert!(
+        got[0].mail_params.contains("SMTPUTF8"),
+        "{}",
+        got[0].mail_params
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got[0].data),
+        "From: Acme <noreply@acme.example>\r\nSubject: Grüße\r\n\r\nÄ\r\n"
+    );
+    // An upstream without SMTPUTF8 cannot take a non-ASCII recipient: a clear 5xx.
+    project.script(|s| s.smtputf8 = false);
+    project.kill_connections(); // so the relay sees the new EHLO
+    c.cmd("MAIL FROM:<a@app.example> SMTPUTF8", 250).await;
+    c.cmd("RCPT TO:<josé@bücher.example>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send_raw(&common::stuff(b"X-Project-Id: acme\r\n\r\nx\r\n"))
+        .await;
+    let reply = c.reply().await;
+    assert!(reply.starts_with("554 5.3.3"), "{reply}");
+}
+
+#[tokio::test]
+async fn app_name_names_a_bare_project_from() {
+    let project = Upstream::start(auth_script()).await;
+    let server = Upstream::start(Script::default()).await;
+    let relay = Relay::start(&config(&project, &server, "").replace(
+        "smtpFromAddress = \"Acme <noreply@acme.example>\"",
+        "smtpFromAddress = \"noreply@acme.example\"\nappName = \"Acme Health\"",
+    ))
+    .await;
+    let mut c = relay.client().await;
+    let reply = c
+        .send_mail(
+            "b@app.example",
+            &["x@dest.example"],
+            b"X-Project-Id: acme\r\n\r\nhi\r\n",
+        )
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(
+        String::from_utf8_lossy(&project.received()[0].data),
+        "From: Acme Health <noreply@acme.example>\r\n\r\nhi\r\n"
+    );
+}

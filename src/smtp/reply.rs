@@ -221,6 +221,11 @@ impl Reply {
 
     pub fn delivered(upstream_text: &str) -> Reply {
         let text = clean(upstream_text);
+        // The upstream's own enhanced code would only repeat ours.
+        let text = match text.split_once(' ') {
+            Some((first, rest)) if is_enhanced(first, 250) => rest.to_owned(),
+            _ => text,
+        };
         if text.is_empty() {
             Reply::new(250, "2.0.0", "Ok: accepted by upstream")
         } else {

@@ -22,6 +22,8 @@ pub struct Script {
     pub data_end: Option<String>,
     /// Never answer the end of data.
     pub stall_after_data: bool,
+    /// Wait this long before answering the end of data.
+    pub delay_after_data: Option<std::time::Duration>,
     /// Close the connection after the first line of message data.
     pub close_mid_data: bool,
     /// Require AUTH (PLAIN or LOGIN) before MAIL, accepting any of these credentials.
@@ -316,6 +318,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             if script.stall_after_data {
                 kill.cancelled().await;
                 return None;
+            }
+            if let Some(delay) = script.delay_after_data {
+                tokio::time::sleep(delay).await;
             }
             let reply = script
                 .data_end
