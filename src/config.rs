@@ -5,12 +5,14 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Value;
 
 use crate::address::{self, ApprovedList, Mailbox};
+use crate::smtp::auth::Users;
 
 /// A password or key: never printed by `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq)]
@@ -90,6 +92,22 @@ struct RawListener {
     idle_timeout_secs: u64,
     #[serde(default = "default_tls_handshake_timeout")]
     tls_handshake_timeout_secs: u64,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    require_auth: bool,
+    #[serde(default)]
+    allow_plaintext_auth: bool,
+    #[serde(default = "default_max_connections_per_ip")]
+    max_connections_per_ip: usize,
+    #[serde(default = "default_data_timeout")]
+    data_timeout_secs: u64,
+    #[serde(default = "default_max_session")]
+    max_session_secs: u64,
+    #[serde(default = "default_shutdown_grace")]
+    shutdown_grace_secs: u64,
+    #[serde(default = "default_auth_failure_delay")]
+    auth_failure_delay_ms: u64,
 }
 
 impl Default for RawListener {
@@ -106,6 +124,14 @@ impl Default for RawListener {
             max_connections: default_max_connections(),
             idle_timeout_secs: default_idle_timeout(),
             tls_handshake_timeout_secs: default_tls_handshake_timeout(),
+            allow: Vec::new(),
+            require_auth: false,
+            allow_plaintext_auth: false,
+            max_connections_per_ip: default_max_connections_per_ip(),
+            data_timeout_secs: default_data_timeout(),
+            max_session_secs: default_max_session(),
+            shutdown_grace_secs: default_shutdown_grace(),
+            auth_failure_delay_ms: default_auth_failure_delay(),
         }
     }
 }
@@ -130,6 +156,21 @@ fn default_idle_timeout() -> u64 {
 }
 fn default_tls_handshake_timeout() -> u64 {
     10
+}
+fn default_max_connections_per_ip() -> usize {
+    20
+}
+fn default_data_timeout() -> u64 {
+    180
+}
+fn default_max_session() -> u64 {
+    1800
+}
+fn default_shutdown_grace() -> u64 {
+    30
+}
+fn default_auth_failure_delay() -> u64 {
+    1000
 }
 fn default_true() -> bool {
     true
@@ -217,6 +258,11 @@ struct RawProject {
     smtp_approved_senders: Option<Value>,
     #[serde(rename = "appName")]
     app_name: Option<Value>,
+    /// Listener AUTH for this project: a username, and one password or a list (rotation).
+    #[serde(rename = "relayUsername")]
+    relay_username: Option<String>,
+    #[serde(rename = "relayPassword")]
+    relay_password: Option<Value>,
 }
 
 // ----- the validated config -----
@@ -224,6 +270,8 @@ struct RawProject {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listener: Listener,
+    /// Relay users for listener AUTH, from the projects' `relayUsername`/`relayPassword`.
+    pub users: Arc<Users>,
     pub server: Server,
     pub upstream: Upstream,
     pub projects: BTreeMap<String, Project>,
@@ -241,6 +289,23 @@ pub struct Listener {
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub tls_handshake_timeout: Duration,
+    /// Peers besides loopback that may send without AUTH.
+    pub allow: Vec<ipnet::IpNet>,
+    pub require_auth: bool,
+    pub allow_plaintext_auth: bool,
+    pub max_connections_per_ip: usize,
+    pub data_timeout: Duration,
+    pub max_session: Duration,
+    pub shutdown_grace: Duration,
+    pub auth_failure_delay: Duration,
+}
+
+impl Listener {
+    /// Loopback peers and those in `allow` may send without AUTH.
+    pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_loopback() || self.allow.iter().any(|net| net.contains(&ip))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -452,6 +517,12 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             "listener.tls_handshake_timeout_secs",
             l.tls_handshake_timeout_secs,
         ),
+        (
+            "listener.max_connections_per_ip",
+            l.max_connections_per_ip as u64,
+        ),
+        ("listener.data_timeout_secs", l.data_timeout_secs),
+        ("listener.max_session_secs", l.max_session_secs),
         ("upstream.timeout_secs", raw.upstream.timeout_secs),
     ] {
         if value == 0 {
@@ -514,16 +585,41 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
         (None, None) => None,
     };
 
-    let projects = raw
-        .projects
-        .into_iter()
-        .map(|(name, p)| {
-            if name.trim().is_empty() || name.chars().any(|c| c.is_control()) {
-                problems.push(format!("projects.{name:?}: invalid project name"));
+    let allow = l
+        .allow
+        .iter()
+        .filter_map(|a| {
+            let parsed = a
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            if parsed.is_err() {
+                problems.push(format!(
+                    "listener.allow: {a:?} is not an address or CIDR block"
+                ));
             }
-            (name, validate_project(p))
+            parsed.ok()
         })
         .collect();
+
+    let mut users = Users::default();
+    let mut projects = BTreeMap::new();
+    for (name, mut p) in raw.projects {
+        if name.trim().is_empty() || name.chars().any(|c| c.is_control()) {
+            problems.push(format!("projects.{name:?}: invalid project name"));
+        }
+        relay_user(
+            &name,
+            p.relay_username.take(),
+            p.relay_password.take(),
+            &mut users,
+            problems,
+        );
+        projects.insert(name, validate_project(p));
+    }
+    if l.require_auth && users.is_empty() {
+        problems
+            .push("listener.require_auth: no project has relayUsername and relayPassword".into());
+    }
 
     Config {
         listener: Listener {
@@ -537,7 +633,16 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             max_connections: l.max_connections,
             idle_timeout: Duration::from_secs(l.idle_timeout_secs),
             tls_handshake_timeout: Duration::from_secs(l.tls_handshake_timeout_secs),
+            allow,
+            require_auth: l.require_auth,
+            allow_plaintext_auth: l.allow_plaintext_auth,
+            max_connections_per_ip: l.max_connections_per_ip,
+            data_timeout: Duration::from_secs(l.data_timeout_secs),
+            max_session: Duration::from_secs(l.max_session_secs),
+            shutdown_grace: Duration::from_secs(l.shutdown_grace_secs),
+            auth_failure_delay: Duration::from_millis(l.auth_failure_delay_ms),
         },
+        users: Arc::new(users),
         server: Server {
             allow_project_smtp: s.allow_project_smtp,
             support_email,
@@ -549,6 +654,46 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             timeout: Duration::from_secs(raw.upstream.timeout_secs),
         },
         projects,
+    }
+}
+
+/// Listener credentials are the relay's own settings, not the spec's secrets: a problem there
+/// is a load error, so a typo cannot quietly lock a project's senders out.
+fn relay_user(
+    project: &str,
+    user: Option<String>,
+    password: Option<Value>,
+    users: &mut Users,
+    problems: &mut Vec<String>,
+) {
+    let passwords = match &password {
+        None => None,
+        Some(Value::String(p)) => Some(vec![p.clone()]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>(),
+        Some(_) => None,
+    };
+    let key = format!("projects.{project}");
+    match (user, passwords) {
+        (None, _) if password.is_none() => {}
+        (Some(u), Some(p))
+            if !u.trim().is_empty() && !p.is_empty() && p.iter().all(|p| !p.is_empty()) =>
+        {
+            if !users.insert(u.trim(), project, p) {
+                problems.push(format!(
+                    "{key}.relayUsername: {u:?} is already used by another project"
+                ));
+            }
+        }
+        (Some(_), None) if password.is_none() => {
+            problems.push(format!("{key}.relayPassword: required with relayUsername"))
+        }
+        (None, _) => problems.push(format!("{key}.relayUsername: required with relayPassword")),
+        _ => problems.push(format!(
+            "{key}: relayUsername must be a non-empty string, relayPassword a non-empty string or array of strings"
+        )),
     }
 }
 
@@ -947,6 +1092,48 @@ appName = "Acme Health"
         let (_, Err(e)) = &report[2] else { panic!() };
         assert!(e.starts_with("error: smtpUsername missing"), "{e}");
         assert!(!e.contains("topsecret"));
+    }
+
+    #[test]
+    fn relay_users_and_allow_list() {
+        let c = parse(
+            "[listener]\nallow = [\"10.0.0.0/8\", \"192.0.2.7\"]\n[projects.a]\nrelayUsername = \"app\"\nrelayPassword = [\"old\", \"new\"]\n[projects.b]\nrelayUsername = \"cron\"\nrelayPassword = \"pw\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.users.verify("app", b"new"), Some("a"));
+        assert_eq!(c.users.verify("cron", b"pw"), Some("b"));
+        let l = &c.listener;
+        for (ip, trusted) in [
+            ("127.0.0.1", true),
+            ("::1", true),
+            ("10.1.2.3", true),
+            ("192.0.2.7", true),
+            ("192.0.2.8", false),
+            ("::ffff:10.0.0.1", true),
+            ("::ffff:127.0.0.1", true),
+            ("8.8.8.8", false),
+        ] {
+            assert_eq!(l.is_trusted(ip.parse().unwrap()), trusted, "{ip}");
+        }
+        let msg = problems(
+            "[projects.a]\nrelayUsername = \"app\"\nrelayPassword = \"x\"\n[projects.b]\nrelayUsername = \"app\"\nrelayPassword = \"y\"\n",
+        );
+        assert!(msg.contains("already used"), "{msg}");
+        let msg = problems("[projects.a]\nrelayPassword = \"secret-x\"\n");
+        assert!(
+            msg.contains("relayUsername") && !msg.contains("secret-x"),
+            "{msg}"
+        );
+        let msg = problems("[projects.a]\nrelayUsername = \"u\"\nrelayPassword = 12345\n");
+        assert!(
+            msg.contains("relayPassword") && !msg.contains("12345"),
+            "{msg}"
+        );
+        let msg = problems("[listener]\nallow = [\"10.0.0.0/33\"]\nrequire_auth = true\n");
+        assert!(
+            msg.contains("listener.allow") && msg.contains("listener.require_auth"),
+            "{msg}"
+        );
     }
 
     #[test]

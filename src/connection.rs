@@ -1,25 +1,18 @@
 //! One client connection: reads with bounds and timeouts, feeds the session, writes its
 //! replies, relays finished messages, and upgrades to TLS (STARTTLS or implicit).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::relay::Relay;
-use crate::smtp::{Event, Reply, Session, Settings};
-
-/// What every connection shares.
-pub struct Shared {
-    pub relay: Relay,
-    pub settings: Settings,
-    pub tls: Option<TlsAcceptor>,
-    pub idle_timeout: Duration,
-    pub tls_handshake_timeout: Duration,
-}
+use crate::server::Shared;
+use crate::smtp::session::Peer;
+use crate::smtp::{Event, Reply, Session};
 
 /// Room kept free in the read buffer; the buffer is shrunk back to this between messages so
 /// thousands of idle sessions stay small.
@@ -38,118 +31,191 @@ enum Next<S> {
     StartTls(S),
 }
 
+/// Limits that hold for one connection, read once at connect.
+struct Limits {
+    idle: Duration,
+    data: Duration,
+    handshake: Duration,
+    ends: Instant,
+    auth_failure_delay: Duration,
+}
+
 /// Serves one accepted connection to the end. `Err` means it ended abnormally; the caller
 /// logs it once.
 pub async fn serve(
     tcp: TcpStream,
+    peer_ip: IpAddr,
     implicit_tls: bool,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> Result<(), ConnectionError> {
     let _ = tcp.set_nodelay(true);
+    let state = shared.current();
+    let listener = &state.config.listener;
+    let limits = Limits {
+        idle: listener.idle_timeout,
+        data: listener.data_timeout,
+        handshake: listener.tls_handshake_timeout,
+        ends: Instant::now() + listener.max_session,
+        auth_failure_delay: listener.auth_failure_delay,
+    };
+    let peer = Peer {
+        trusted: listener.is_trusted(peer_ip),
+        loopback: peer_ip.to_canonical().is_loopback(),
+    };
+    let mut session = Session::new(state.settings.clone(), implicit_tls, peer);
+    drop(state);
+    let ctx = Ctx {
+        shared: &shared,
+        shutdown: &shutdown,
+        limits: &limits,
+        peer_ip,
+    };
     if implicit_tls {
-        let acceptor = shared.tls.clone().expect("smtps listener requires TLS");
-        let tls = handshake(&acceptor, tcp, shared.tls_handshake_timeout).await?;
-        let mut session = Session::new(shared.settings.clone(), true);
-        drive(tls, &mut session, &shared, &shutdown, true).await?;
+        let tls = handshake(&shared, tcp, limits.handshake).await?;
+        ctx.drive(tls, &mut session, true).await?;
         return Ok(());
     }
-    let mut session = Session::new(shared.settings.clone(), false);
-    if let Next::StartTls(tcp) = drive(tcp, &mut session, &shared, &shutdown, true).await? {
-        let acceptor = shared.tls.clone().expect("STARTTLS offered only with TLS");
-        let tls = handshake(&acceptor, tcp, shared.tls_handshake_timeout).await?;
+    if let Next::StartTls(tcp) = ctx.drive(tcp, &mut session, true).await? {
+        let tls = handshake(&shared, tcp, limits.handshake).await?;
         session.tls_started();
-        drive(tls, &mut session, &shared, &shutdown, false).await?;
+        ctx.drive(tls, &mut session, false).await?;
     }
     Ok(())
 }
 
 async fn handshake(
-    acceptor: &TlsAcceptor,
+    shared: &Shared,
     tcp: TcpStream,
     limit: Duration,
 ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, ConnectionError> {
+    let acceptor = shared
+        .tls
+        .clone()
+        .expect("TLS is offered only with a certificate");
     match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(ConnectionError::HandshakeTimeout),
     }
 }
 
-async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    session: &mut Session,
-    shared: &Shared,
-    shutdown: &CancellationToken,
-    greet: bool,
-) -> Result<Next<S>, ConnectionError> {
-    let mut out: Vec<u8> = Vec::with_capacity(512);
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    if greet {
-        session.greeting().write_to(&mut out);
-    }
-    loop {
-        // Everything already buffered first: pipelined commands each get their reply.
-        let mut start = 0;
+struct Ctx<'a> {
+    shared: &'a Arc<Shared>,
+    shutdown: &'a CancellationToken,
+    limits: &'a Limits,
+    peer_ip: IpAddr,
+}
+
+impl Ctx<'_> {
+    async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut stream: S,
+        session: &mut Session,
+        greet: bool,
+    ) -> Result<Next<S>, ConnectionError> {
+        let mut out: Vec<u8> = Vec::with_capacity(512);
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+        if greet {
+            session.greeting().write_to(&mut out);
+        }
         loop {
-            let (used, event) = session.feed(&buf[start..]);
-            start += used;
-            match event {
-                Event::NeedMore => break,
-                Event::Reply(reply) => reply.write_to(&mut out),
-                Event::Close(reply) => {
+            // Everything already buffered first: pipelined commands each get their reply.
+            let mut start = 0;
+            loop {
+                let (used, event) = session.feed(&buf[start..]);
+                start += used;
+                match event {
+                    Event::NeedMore => break,
+                    Event::Reply(reply) => reply.write_to(&mut out),
+                    Event::Close(reply) => {
+                        reply.write_to(&mut out);
+                        return close(stream, &out).await;
+                    }
+                    Event::StartTls(reply) => {
+                        reply.write_to(&mut out);
+                        stream.write_all(&out).await?;
+                        stream.flush().await?;
+                        // Whatever the client sent after STARTTLS, before the handshake, is
+                        // dropped with `buf` (RFC 3207 §4.2).
+                        return Ok(Next::StartTls(stream));
+                    }
+                    Event::AuthFailed { reply, close: last } => {
+                        // Slow down guessing: the delay grows with this address's recent
+                        // failures, across connections.
+                        let failures = self.shared.auth_failed(self.peer_ip);
+                        stream.write_all(&out).await?;
+                        out.clear();
+                        tokio::time::sleep(self.limits.auth_failure_delay * failures.min(8)).await;
+                        tracing::info!(peer = %self.peer_ip, failures, "AUTH failed");
+                        reply.write_to(&mut out);
+                        if last {
+                            Reply::TOO_MANY_AUTH_FAILURES.write_to(&mut out);
+                            return close(stream, &out).await;
+                        }
+                    }
+                    Event::Relay(tx) => {
+                        // Replies owed before the message go out first, so the client is not
+                        // kept waiting on the upstream for them.
+                        if !out.is_empty() {
+                            stream.write_all(&out).await?;
+                            out.clear();
+                        }
+                        // Each message takes the config current when it completes: a reload
+                        // applies to the next message, never to one in flight.
+                        let state = self.shared.current();
+                        let reply = state.relay.relay(tx).await;
+                        reply.write_to(&mut out);
+                    }
+                }
+            }
+            buf.drain(..start);
+            if session.is_idle() {
+                if self.shutdown.is_cancelled() {
+                    Reply::SHUTTING_DOWN.write_to(&mut out);
+                    return close(stream, &out).await;
+                }
+                if Instant::now() >= self.limits.ends {
+                    Reply::SESSION_TIMEOUT.write_to(&mut out);
+                    return close(stream, &out).await;
+                }
+            }
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+                stream.flush().await?;
+                out.clear();
+            }
+            if session.is_idle() && buf.capacity() > 4 * READ_CHUNK {
+                buf.shrink_to(READ_CHUNK);
+            }
+            buf.reserve(READ_CHUNK);
+            let idle = session.is_idle();
+            let wait = if session.in_data() {
+                self.limits.data
+            } else {
+                self.limits.idle
+            };
+            let deadline = (Instant::now() + wait).min(self.limits.ends);
+            let read = tokio::select! {
+                read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => read,
+                // Only between transactions: one in progress is allowed to finish.
+                _ = self.shutdown.cancelled(), if idle => {
+                    Reply::SHUTTING_DOWN.write_to(&mut out);
+                    return close(stream, &out).await;
+                }
+            };
+            match read {
+                Ok(Ok(0)) => return Ok(Next::Done),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    let reply = if Instant::now() >= self.limits.ends {
+                        Reply::SESSION_TIMEOUT
+                    } else {
+                        Reply::IDLE_TIMEOUT
+                    };
                     reply.write_to(&mut out);
                     return close(stream, &out).await;
                 }
-                Event::StartTls(reply) => {
-                    reply.write_to(&mut out);
-                    stream.write_all(&out).await?;
-                    stream.flush().await?;
-                    // Whatever the client sent after STARTTLS, before the handshake, is
-                    // dropped with `buf` (RFC 3207 §4.2; CVE-2011-0411 style injection).
-                    return Ok(Next::StartTls(stream));
-                }
-                Event::Relay(tx) => {
-                    // Replies owed before the message (none with well-behaved pipelining)
-                    // go out first, so the client is not kept waiting on the upstream.
-                    if !out.is_empty() {
-                        stream.write_all(&out).await?;
-                        out.clear();
-                    }
-                    let reply = shared.relay.relay(tx).await;
-                    reply.write_to(&mut out);
-                }
-            }
-        }
-        buf.drain(..start);
-        if session.is_idle() && shutdown.is_cancelled() {
-            Reply::SHUTTING_DOWN.write_to(&mut out);
-            return close(stream, &out).await;
-        }
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
-            stream.flush().await?;
-            out.clear();
-        }
-        if session.is_idle() && buf.capacity() > 4 * READ_CHUNK {
-            buf.shrink_to(READ_CHUNK);
-        }
-        buf.reserve(READ_CHUNK);
-        let idle = session.is_idle();
-        let read = tokio::select! {
-            read = tokio::time::timeout(shared.idle_timeout, stream.read_buf(&mut buf)) => read,
-            // Only between transactions: one in progress is allowed to finish.
-            _ = shutdown.cancelled(), if idle => {
-                Reply::SHUTTING_DOWN.write_to(&mut out);
-                return close(stream, &out).await;
-            }
-        };
-        match read {
-            Ok(Ok(0)) => return Ok(Next::Done),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                Reply::IDLE_TIMEOUT.write_to(&mut out);
-                return close(stream, &out).await;
             }
         }
     }

@@ -22,4 +22,4 @@ pub mod tls;
 pub mod upstream;
 
 pub use config::Config;
-pub use server::{Listeners, run};
+pub use server::{Listeners, Reloader, Server, run};

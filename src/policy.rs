@@ -101,8 +101,14 @@ fn unfold(value: &[u8]) -> String {
     s.replace("\r\n", "").replace('\n', "").trim().to_owned()
 }
 
-/// Applies the Project SMTP rules to one message.
-pub fn decide<'c>(config: &'c Config, data: &[u8]) -> Result<Decision<'c>, Reply> {
+/// Applies the Project SMTP rules to one message. `auth_project` is the project the client
+/// authenticated for: it stands in for a missing project header, and no header may name
+/// another project.
+pub fn decide<'c>(
+    config: &'c Config,
+    data: &[u8],
+    auth_project: Option<&str>,
+) -> Result<Decision<'c>, Reply> {
     let header = &config.listener.project_header;
     let fields = header_fields(data)?;
 
@@ -119,6 +125,11 @@ pub fn decide<'c>(config: &'c Config, data: &[u8]) -> Result<Decision<'c>, Reply
             }
             Some(unfold(raw)).filter(|v| !v.is_empty())
         }
+    };
+    let project_id = match (auth_project, project_id) {
+        (Some(auth), Some(id)) if auth != id => return Err(Reply::wrong_project(auth, header)),
+        (Some(auth), _) => Some(auth.to_owned()),
+        (None, id) => id,
     };
     let project = project_id
         .as_deref()
@@ -298,7 +309,7 @@ smtpUsername = "u"
     fn run(c: &Config, msg: &str) -> Result<(Decision<'static>, String), Reply> {
         // Leak: tests only, keeps the borrow simple.
         let c: &'static Config = Box::leak(Box::new(c.clone()));
-        decide(c, msg.as_bytes()).map(|d| {
+        decide(c, msg.as_bytes(), None).map(|d| {
             let text = String::from_utf8(d.message.clone()).unwrap();
             (d, text)
         })
@@ -586,6 +597,21 @@ smtpUsername = "u"
         ] {
             assert_eq!(run(&c, msg).unwrap_err(), Reply::BAD_HEADER, "{msg:?}");
         }
+    }
+
+    #[test]
+    fn authenticated_project_binds_the_message() {
+        let c: &'static Config = Box::leak(Box::new(config("")));
+        let d = decide(c, b"Subject: s\r\n\r\nb\r\n", Some("acme")).unwrap();
+        assert_eq!(project_of(&d), Some("acme"));
+        let d = decide(c, b"X-Project-Id: acme\r\n\r\nb\r\n", Some("acme")).unwrap();
+        assert_eq!(project_of(&d), Some("acme"));
+        let r = decide(c, b"X-Project-Id: health\r\n\r\nb\r\n", Some("acme")).unwrap_err();
+        assert_eq!((r.code, r.enhanced.as_deref()), (550, Some("5.7.1")));
+        // An authenticated project without project SMTP still uses the server transport.
+        let d = decide(c, b"\r\nb\r\n", Some("plain")).unwrap();
+        assert!(matches!(d.transport, Transport::Server(_)));
+        assert_eq!(d.project, Some("plain"));
     }
 
     #[test]

@@ -35,7 +35,7 @@ impl Relay {
     /// upstream (or the capture folder) has the message.
     pub async fn relay(&self, tx: Transaction) -> Reply {
         let started = Instant::now();
-        let decision = match policy::decide(&self.config, &tx.data) {
+        let decision = match policy::decide(&self.config, &tx.data, tx.auth_project.as_deref()) {
             Ok(d) => d,
             Err(reply) => {
                 tracing::info!(

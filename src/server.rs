@@ -1,10 +1,11 @@
-//! The accept loops: binding, the connection cap, one task per connection, and a graceful
-//! stop (no new connections, idle sessions told 421, transactions in flight given a grace
-//! period).
+//! The accept loops: binding, who may connect, the connection caps, one task per connection,
+//! reloading the config, and a graceful stop (no new connections, idle sessions told 421,
+//! transactions in flight given a grace period).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -15,13 +16,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::connection::{self, Shared};
+use crate::connection;
 use crate::relay::Relay;
 use crate::smtp::{Reply, Settings};
 use crate::tls;
-
-/// How long transactions in flight may run on after a stop is asked for.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// The bound sockets, so tests can bind port 0 and read back the address.
 #[derive(Debug)]
@@ -56,114 +54,270 @@ impl Listeners {
     }
 }
 
+/// Everything built from one config; replaced whole on reload.
+pub struct State {
+    pub config: Arc<Config>,
+    pub relay: Relay,
+    pub settings: Settings,
+}
+
+impl State {
+    pub fn new(config: Arc<Config>, starttls_available: bool) -> anyhow::Result<State> {
+        let l = &config.listener;
+        let settings = Settings {
+            hostname: l.hostname.clone(),
+            max_message_size: l.max_message_size,
+            max_recipients: l.max_recipients,
+            starttls_available,
+            users: config.users.clone(),
+            require_auth: l.require_auth,
+            allow_plaintext_auth: l.allow_plaintext_auth,
+        };
+        Ok(State {
+            relay: Relay::new(config.clone())?,
+            config,
+            settings,
+        })
+    }
+}
+
+/// What every connection shares.
+pub struct Shared {
+    current: RwLock<Arc<State>>,
+    pub tls: Option<TlsAcceptor>,
+    /// Failed AUTH attempts per address, with the time of the last one.
+    auth_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Failures older than this are forgotten.
+const AUTH_FAILURE_MEMORY: Duration = Duration::from_secs(600);
+/// Addresses tracked at most; past it, the oldest entries are dropped.
+const AUTH_FAILURE_TABLE: usize = 10_000;
+
+impl Shared {
+    pub fn current(&self) -> Arc<State> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records a failed AUTH from `ip`; returns its recent failure count.
+    pub fn auth_failed(&self, ip: IpAddr) -> u32 {
+        let mut table = self.auth_failures.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if table.len() >= AUTH_FAILURE_TABLE {
+            table.retain(|_, (_, at)| now.duration_since(*at) < AUTH_FAILURE_MEMORY);
+            if table.len() >= AUTH_FAILURE_TABLE {
+                table.clear();
+            }
+        }
+        let entry = table.entry(ip).or_insert((0, now));
+        if now.duration_since(entry.1) >= AUTH_FAILURE_MEMORY {
+            entry.0 = 0;
+        }
+        entry.0 += 1;
+        entry.1 = now;
+        entry.0
+    }
+}
+
+/// A running relay's handle for reloads.
+#[derive(Clone)]
+pub struct Reloader(Arc<Shared>);
+
+impl Reloader {
+    /// Swaps in a new config for the next connections and messages. The listener addresses
+    /// and TLS certificate stay as they were bound.
+    pub fn reload(&self, config: Config) -> anyhow::Result<()> {
+        let tls = self.0.tls.is_some();
+        let state = State::new(Arc::new(config), tls)?;
+        *self.0.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
+        Ok(())
+    }
+}
+
+pub struct Server {
+    shared: Arc<Shared>,
+    listeners: Listeners,
+}
+
+impl Server {
+    pub fn new(config: Arc<Config>, listeners: Listeners) -> anyhow::Result<Server> {
+        let tls = match &config.listener.tls {
+            Some(files) => Some(TlsAcceptor::from(tls::server_config(
+                &files.certificate,
+                &files.private_key,
+            )?)),
+            None => None,
+        };
+        let state = State::new(config, tls.is_some())?;
+        Ok(Server {
+            shared: Arc::new(Shared {
+                current: RwLock::new(Arc::new(state)),
+                tls,
+                auth_failures: Mutex::default(),
+                per_ip: Mutex::default(),
+            }),
+            listeners,
+        })
+    }
+
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.shared.clone())
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let state = self.shared.current();
+        let slots = Arc::new(Semaphore::new(state.config.listener.max_connections));
+        let tracker = TaskTracker::new();
+        let mut loops = Vec::new();
+        for (listener, implicit_tls, kind) in [
+            (self.listeners.smtp, false, "smtp"),
+            (self.listeners.smtps, true, "smtps"),
+        ] {
+            let Some(listener) = listener else { continue };
+            let span = tracing::info_span!("listener", kind);
+            let addr = listener.local_addr()?;
+            span.in_scope(|| tracing::info!("listening on {addr}"));
+            let accept = Accept {
+                listener,
+                implicit_tls,
+                shared: self.shared.clone(),
+                slots: slots.clone(),
+                tracker: tracker.clone(),
+                shutdown: shutdown.clone(),
+            };
+            loops.push(tokio::spawn(accept.run().instrument(span)));
+        }
+        drop(state);
+        shutdown.cancelled().await;
+        for l in loops {
+            let _ = l.await;
+        }
+        tracker.close();
+        let grace = self.shared.current().config.listener.shutdown_grace;
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!("grace period over; closing {} sessions", tracker.len());
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
 /// Runs the relay on already bound listeners until `shutdown` is cancelled.
 pub async fn run(
     config: Arc<Config>,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let tls = match &config.listener.tls {
-        Some(files) => Some(TlsAcceptor::from(tls::server_config(
-            &files.certificate,
-            &files.private_key,
-        )?)),
-        None => None,
-    };
-    let shared = Arc::new(Shared {
-        relay: Relay::new(config.clone())?,
-        settings: Settings {
-            hostname: config.listener.hostname.clone(),
-            max_message_size: config.listener.max_message_size,
-            max_recipients: config.listener.max_recipients,
-            starttls_available: tls.is_some(),
-        },
-        tls,
-        idle_timeout: config.listener.idle_timeout,
-        tls_handshake_timeout: config.listener.tls_handshake_timeout,
-    });
-    let slots = Arc::new(Semaphore::new(config.listener.max_connections));
-    let tracker = TaskTracker::new();
-    let mut loops = Vec::new();
-    for (listener, implicit_tls, kind) in [
-        (listeners.smtp, false, "smtp"),
-        (listeners.smtps, true, "smtps"),
-    ] {
-        let Some(listener) = listener else { continue };
-        let span = tracing::info_span!("listener", kind);
-        let addr = listener.local_addr()?;
-        span.in_scope(|| tracing::info!("listening on {addr}"));
-        loops.push(tokio::spawn(
-            accept_loop(
-                listener,
-                implicit_tls,
-                shared.clone(),
-                slots.clone(),
-                tracker.clone(),
-                shutdown.clone(),
-            )
-            .instrument(span),
-        ));
-    }
-    shutdown.cancelled().await;
-    for l in loops {
-        let _ = l.await;
-    }
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("grace period over; closing {} sessions", tracker.len());
-    }
-    tracing::info!("stopped");
-    Ok(())
+    Server::new(config, listeners)?.run(shutdown).await
 }
 
-async fn accept_loop(
+struct Accept {
     listener: TcpListener,
     implicit_tls: bool,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.cancelled() => return,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+}
+
+/// Holds one of an address's connection slots until dropped.
+struct PerIpSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for PerIpSlot {
+    fn drop(&mut self) {
+        let mut map = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
             }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracker.spawn(refuse(tcp));
-            continue;
-        };
-        let shared = shared.clone();
-        let shutdown = shutdown.clone();
-        let span = tracing::info_span!("session", %peer);
-        tracker.spawn(
-            async move {
-                tracing::debug!("connected");
-                match connection::serve(tcp, implicit_tls, shared, shutdown).await {
-                    Ok(()) => tracing::debug!("closed"),
-                    Err(e) => tracing::info!("connection ended: {e}"),
-                }
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        }
     }
 }
 
-async fn refuse(mut tcp: TcpStream) {
-    let reply = Reply::new(421, "4.7.0", "Too many connections, try again later");
+impl Accept {
+    async fn run(self) {
+        loop {
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = self.shutdown.cancelled() => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let ip = peer.ip().to_canonical();
+            if let Some(reply) = self.admit(ip) {
+                tracing::info!(%peer, code = reply.code, "connection refused: {}", reply.text);
+                self.tracker.spawn(refuse(tcp, reply));
+                continue;
+            }
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                self.tracker.spawn(refuse(tcp, Reply::TOO_MANY_CONNECTIONS));
+                continue;
+            };
+            let Some(ip_slot) = self.per_ip_slot(ip) else {
+                self.tracker.spawn(refuse(tcp, Reply::TOO_MANY_FROM_PEER));
+                continue;
+            };
+            let shared = self.shared.clone();
+            let shutdown = self.shutdown.clone();
+            let implicit_tls = self.implicit_tls;
+            let span = tracing::info_span!("session", %peer);
+            self.tracker.spawn(
+                async move {
+                    tracing::debug!("connected");
+                    match connection::serve(tcp, ip, implicit_tls, shared, shutdown).await {
+                        Ok(()) => tracing::debug!("closed"),
+                        Err(e) => tracing::info!("connection ended: {e}"),
+                    }
+                    drop((permit, ip_slot));
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    /// A peer outside the allow list may connect only to authenticate.
+    fn admit(&self, ip: IpAddr) -> Option<Reply> {
+        let state = self.shared.current();
+        let trusted = state.config.listener.is_trusted(ip);
+        (!trusted && state.config.users.is_empty()).then_some(Reply::PEER_NOT_ALLOWED)
+    }
+
+    /// Loopback is not limited per address: a local load generator or app may open many.
+    fn per_ip_slot(&self, ip: IpAddr) -> Option<PerIpSlot> {
+        let limit = self.shared.current().config.listener.max_connections_per_ip;
+        let mut map = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= limit && !ip.is_loopback() {
+            if *n == 0 {
+                map.remove(&ip);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(PerIpSlot {
+            shared: self.shared.clone(),
+            ip,
+        })
+    }
+}
+
+async fn refuse(mut tcp: TcpStream, reply: Reply) {
     let _ = tcp.write_all(&reply.to_bytes()).await;
     let _ = tcp.shutdown().await;
 }

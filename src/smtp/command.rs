@@ -15,6 +15,11 @@ pub enum Command {
     Vrfy,
     Help,
     StartTls,
+    /// `AUTH mechanism [initial-response]` (RFC 4954).
+    Auth {
+        mechanism: String,
+        initial: Option<String>,
+    },
     /// Known SMTP verbs this relay does not offer (EXPN, TURN, ETRN, BDAT, AUTH ...): 502.
     NotImplemented,
 }
@@ -56,7 +61,16 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
         "VRFY" if !rest.trim().is_empty() => Ok(Command::Vrfy),
         "VRFY" => Err(Reply::SYNTAX),
         "HELP" => Ok(Command::Help),
-        "EXPN" | "TURN" | "ETRN" | "BDAT" | "AUTH" | "ATRN" | "SEND" | "SOML" | "SAML" => {
+        "AUTH" => {
+            let mut words = rest.split_ascii_whitespace();
+            let mechanism = words.next().ok_or(Reply::SYNTAX)?.to_owned();
+            let initial = words.next().map(str::to_owned);
+            if words.next().is_some() {
+                return Err(Reply::SYNTAX);
+            }
+            Ok(Command::Auth { mechanism, initial })
+        }
+        "EXPN" | "TURN" | "ETRN" | "BDAT" | "ATRN" | "SEND" | "SOML" | "SAML" => {
             Ok(Command::NotImplemented)
         }
         _ => Err(Reply::UNRECOGNIZED),
@@ -250,7 +264,20 @@ mod tests {
             ("HELP", Command::Help),
             ("STARTTLS", Command::StartTls),
             ("EXPN list", Command::NotImplemented),
-            ("AUTH PLAIN AAAA", Command::NotImplemented),
+            (
+                "AUTH PLAIN AAAA",
+                Command::Auth {
+                    mechanism: "PLAIN".into(),
+                    initial: Some("AAAA".into()),
+                },
+            ),
+            (
+                "auth login",
+                Command::Auth {
+                    mechanism: "login".into(),
+                    initial: None,
+                },
+            ),
         ];
         for (line, want) in ok {
             assert_eq!(parse(line.as_bytes()).as_ref(), Ok(want), "{line}");
@@ -276,6 +303,8 @@ mod tests {
             ("RCPT FROM:<a@b.example>", 501, "5.5.4"),
             ("DATA now", 501, "5.5.4"),
             ("VRFY", 501, "5.5.4"),
+            ("AUTH", 501, "5.5.4"),
+            ("AUTH PLAIN a b", 501, "5.5.4"),
         ];
         for (line, code, enhanced) in err {
             let reply = parse(line.as_bytes()).expect_err(line);

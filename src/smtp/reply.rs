@@ -165,6 +165,71 @@ impl Reply {
     );
     pub const TOO_MANY_RECIPIENTS: Reply = r(452, "4.5.3", "Too many recipients");
 
+    // ----- access and AUTH (RFC 4954) -----
+
+    pub const ACCESS_DENIED: Reply = r(
+        554,
+        "5.7.1",
+        "Access denied: this client may not relay without AUTH",
+    );
+    pub const AUTH_REQUIRED: Reply = r(530, "5.7.0", "Authentication required");
+    pub const AUTH_OK: Reply = r(235, "2.7.0", "Authentication successful");
+    pub const AUTH_FAILED: Reply = r(535, "5.7.8", "Authentication credentials invalid");
+    pub const AUTH_CANCELLED: Reply = r(501, "5.7.0", "Authentication cancelled");
+    pub const AUTH_BAD_BASE64: Reply = r(501, "5.5.2", "Cannot decode the base64 response");
+    pub const AUTH_MECHANISM: Reply = r(
+        504,
+        "5.5.4",
+        "Unsupported authentication mechanism; use PLAIN or LOGIN",
+    );
+    pub const AUTH_IN_TRANSACTION: Reply = r(
+        503,
+        "5.5.1",
+        "AUTH is not allowed during a mail transaction",
+    );
+    pub const ALREADY_AUTHENTICATED: Reply = r(503, "5.5.1", "Already authenticated");
+    pub const ENCRYPTION_REQUIRED: Reply = r(
+        538,
+        "5.7.11",
+        "Encryption required for requested authentication mechanism: use STARTTLS",
+    );
+    pub const TOO_MANY_AUTH_FAILURES: Reply = r(
+        421,
+        "4.7.0",
+        "Too many authentication failures, closing connection",
+    );
+    pub const PEER_NOT_ALLOWED: Reply = r(
+        554,
+        "5.7.1",
+        "Access denied: this client may not use this relay",
+    );
+    pub const TOO_MANY_FROM_PEER: Reply = r(
+        421,
+        "4.7.0",
+        "Too many connections from your address, try again later",
+    );
+    pub const TOO_MANY_CONNECTIONS: Reply =
+        r(421, "4.7.0", "Too many connections, try again later");
+
+    /// A 334 challenge: base64 text, or empty for "send your response".
+    pub fn auth_challenge(b64: &str) -> Reply {
+        Reply {
+            code: 334,
+            enhanced: None,
+            text: Cow::Owned(b64.to_owned()),
+        }
+    }
+
+    pub fn wrong_project(authenticated: &str, header: &str) -> Reply {
+        Reply::new(
+            550,
+            "5.7.1",
+            &format!(
+                "Authenticated for project {authenticated}, but the message names another project in {header}"
+            ),
+        )
+    }
+
     // ----- message content -----
 
     pub const TOO_LARGE: Reply = r(

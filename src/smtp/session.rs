@@ -4,6 +4,9 @@
 //! chunk of message data) and says what to do next. Pipelined commands are simply several
 //! calls to `feed` over the same buffer, so there is always exactly one reply per command.
 
+use std::sync::Arc;
+
+use super::auth::{self, Users};
 use super::command::{self, Command};
 use super::data::{DataReader, DataResult};
 use super::reply::Reply;
@@ -15,6 +18,9 @@ pub const MAX_COMMAND_LINE: usize = 1000;
 /// Errors tolerated before the session is closed, like Postfix's `smtpd_hard_error_limit`.
 pub const MAX_ERRORS: u32 = 20;
 
+/// Failed AUTH attempts before the session is closed.
+pub const MAX_AUTH_FAILURES: u32 = 3;
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub hostname: String,
@@ -22,6 +28,20 @@ pub struct Settings {
     pub max_recipients: usize,
     /// A certificate is configured, so STARTTLS can be offered (on a plain connection).
     pub starttls_available: bool,
+    /// Relay users for SMTP AUTH; empty means AUTH is not offered.
+    pub users: Arc<Users>,
+    /// MAIL needs AUTH first, even from trusted peers.
+    pub require_auth: bool,
+    /// AUTH may be used without TLS by loopback peers.
+    pub allow_plaintext_auth: bool,
+}
+
+/// What the accept loop knows about the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Loopback, or inside `[listener] allow`: may send without AUTH (unless `require_auth`).
+    pub trusted: bool,
+    pub loopback: bool,
 }
 
 /// A message the client has finished sending; the driver relays it and reports back.
@@ -32,6 +52,8 @@ pub struct Transaction {
     /// Unstuffed message bytes; every line ends in CRLF.
     pub data: Vec<u8>,
     pub smtputf8: bool,
+    /// The project the client authenticated for, if it used AUTH.
+    pub auth_project: Option<String>,
 }
 
 #[derive(Debug)]
@@ -46,12 +68,23 @@ pub enum Event {
     StartTls(Reply),
     /// Relay this message; send whatever reply the relay produces.
     Relay(Transaction),
+    /// A failed AUTH: the driver slows the reply down, and closes after it when `close`.
+    AuthFailed {
+        reply: Reply,
+        close: bool,
+    },
 }
 
 #[derive(Debug)]
 enum State {
     Fresh,
     Greeted,
+    /// `AUTH PLAIN` sent without its response; the next line is the response.
+    AuthPlain,
+    AuthLoginUser,
+    AuthLoginPass {
+        user: String,
+    },
     Mail {
         from: command::MailFrom,
     },
@@ -69,19 +102,25 @@ enum State {
 #[derive(Debug)]
 pub struct Session {
     settings: Settings,
+    peer: Peer,
     state: State,
     tls: bool,
+    authenticated: Option<String>,
+    auth_failures: u32,
     /// An over-long line is being skipped; its reply is sent when its end arrives.
     skipping_line: bool,
     errors: u32,
 }
 
 impl Session {
-    pub fn new(settings: Settings, tls: bool) -> Session {
+    pub fn new(settings: Settings, tls: bool, peer: Peer) -> Session {
         Session {
             settings,
+            peer,
             state: State::Fresh,
             tls,
+            authenticated: None,
+            auth_failures: 0,
             skipping_line: false,
             errors: 0,
         }
@@ -108,6 +147,16 @@ impl Session {
     pub fn tls_started(&mut self) {
         self.tls = true;
         self.state = State::Fresh;
+        self.authenticated = None;
+    }
+
+    pub fn authenticated(&self) -> Option<&str> {
+        self.authenticated.as_deref()
+    }
+
+    fn auth_offered(&self) -> bool {
+        !self.settings.users.is_empty()
+            && (self.tls || (self.settings.allow_plaintext_auth && self.peer.loopback))
     }
 
     /// Consumes input; returns how many bytes were used and what to do.
@@ -141,6 +190,12 @@ impl Session {
         let used = lf + 1;
         let line = &input[..lf];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if matches!(
+            self.state,
+            State::AuthPlain | State::AuthLoginUser | State::AuthLoginPass { .. }
+        ) {
+            return (used, self.auth_response(line));
+        }
         let event = match command::parse(line) {
             Ok(cmd) => self.command(cmd),
             Err(reply) => self.error(reply),
@@ -167,6 +222,9 @@ impl Session {
         ];
         if self.settings.starttls_available && !self.tls {
             ext.push("STARTTLS".to_owned());
+        }
+        if self.auth_offered() {
+            ext.push("AUTH PLAIN LOGIN".to_owned());
         }
         ext
     }
@@ -195,6 +253,31 @@ impl Session {
             }
             (Command::StartTls, _) => (State::Fresh, Event::StartTls(Reply::READY_TLS)),
             (_, State::Fresh) => (State::Fresh, self.error(Reply::NEED_HELO)),
+            (Command::Auth { .. }, s @ (State::Mail { .. } | State::Rcpt { .. })) => {
+                (s, self.error(Reply::AUTH_IN_TRANSACTION))
+            }
+            (Command::Auth { .. }, s) if self.authenticated.is_some() => {
+                (s, self.error(Reply::ALREADY_AUTHENTICATED))
+            }
+            (Command::Auth { .. }, s) if self.settings.users.is_empty() => {
+                (s, self.error(Reply::NOT_IMPLEMENTED))
+            }
+            (Command::Auth { .. }, s) if !self.auth_offered() => {
+                (s, self.error(Reply::ENCRYPTION_REQUIRED))
+            }
+            (Command::Auth { mechanism, initial }, State::Greeted) => {
+                self.auth_start(&mechanism, initial)
+            }
+            (Command::Mail(_), State::Greeted)
+                if self.authenticated.is_none() && !self.peer.trusted =>
+            {
+                (State::Greeted, self.error(Reply::ACCESS_DENIED))
+            }
+            (Command::Mail(_), State::Greeted)
+                if self.authenticated.is_none() && self.settings.require_auth =>
+            {
+                (State::Greeted, self.error(Reply::AUTH_REQUIRED))
+            }
             (Command::Mail(from), State::Greeted) => {
                 if from
                     .size
@@ -221,12 +304,86 @@ impl Session {
                 },
                 Event::Reply(Reply::START_DATA),
             ),
-            (_, s @ State::Data { .. }) => {
-                unreachable!("commands are not parsed during DATA: {s:?}")
+            (
+                _,
+                s @ (State::Data { .. }
+                | State::AuthPlain
+                | State::AuthLoginUser
+                | State::AuthLoginPass { .. }),
+            ) => {
+                unreachable!("no commands are parsed in {s:?}")
             }
         };
         self.state = next;
         event
+    }
+
+    fn auth_start(&mut self, mechanism: &str, initial: Option<String>) -> (State, Event) {
+        let initial = match initial.map(|i| auth::b64_decode(i.as_bytes())) {
+            Some(None) => return (State::Greeted, self.error(Reply::AUTH_BAD_BASE64)),
+            Some(Some(bytes)) => Some(bytes),
+            None => None,
+        };
+        match (mechanism.to_ascii_uppercase().as_str(), initial) {
+            ("PLAIN", Some(response)) => (State::Greeted, self.auth_plain(&response)),
+            ("PLAIN", None) => (State::AuthPlain, Event::Reply(Reply::auth_challenge(""))),
+            ("LOGIN", Some(user)) => (
+                State::AuthLoginPass {
+                    user: String::from_utf8_lossy(&user).into_owned(),
+                },
+                Event::Reply(Reply::auth_challenge(&auth::b64_encode(b"Password:"))),
+            ),
+            ("LOGIN", None) => (
+                State::AuthLoginUser,
+                Event::Reply(Reply::auth_challenge(&auth::b64_encode(b"Username:"))),
+            ),
+            _ => (State::Greeted, self.error(Reply::AUTH_MECHANISM)),
+        }
+    }
+
+    /// A line answering a 334 challenge.
+    fn auth_response(&mut self, line: &[u8]) -> Event {
+        let state = std::mem::replace(&mut self.state, State::Greeted);
+        if line == b"*" {
+            return self.error(Reply::AUTH_CANCELLED);
+        }
+        let Some(decoded) = auth::b64_decode(line) else {
+            return self.error(Reply::AUTH_BAD_BASE64);
+        };
+        match state {
+            State::AuthPlain => self.auth_plain(&decoded),
+            State::AuthLoginUser => {
+                self.state = State::AuthLoginPass {
+                    user: String::from_utf8_lossy(&decoded).into_owned(),
+                };
+                Event::Reply(Reply::auth_challenge(&auth::b64_encode(b"Password:")))
+            }
+            State::AuthLoginPass { user } => self.auth_check(&user, &decoded),
+            other => unreachable!("auth_response in {other:?}"),
+        }
+    }
+
+    fn auth_plain(&mut self, response: &[u8]) -> Event {
+        match auth::decode_plain(response) {
+            Some((user, pass)) => self.auth_check(&user, &pass),
+            None => self.auth_check("", b""),
+        }
+    }
+
+    fn auth_check(&mut self, user: &str, password: &[u8]) -> Event {
+        match self.settings.users.verify(user, password) {
+            Some(project) => {
+                self.authenticated = Some(project.to_owned());
+                Event::Reply(Reply::AUTH_OK)
+            }
+            None => {
+                self.auth_failures += 1;
+                Event::AuthFailed {
+                    reply: Reply::AUTH_FAILED,
+                    close: self.auth_failures >= MAX_AUTH_FAILURES,
+                }
+            }
+        }
     }
 
     fn add_recipient(
@@ -264,6 +421,7 @@ impl Session {
                 recipients,
                 data,
                 smtputf8: from.smtputf8,
+                auth_project: self.authenticated.clone(),
             }),
             Err(reply) => Event::Reply(reply),
         }
@@ -274,16 +432,25 @@ impl Session {
 mod tests {
     use super::*;
 
+    const TRUSTED: Peer = Peer {
+        trusted: true,
+        loopback: true,
+    };
+
+    fn settings() -> Settings {
+        Settings {
+            hostname: "relay.test".into(),
+            max_message_size: 1000,
+            max_recipients: 2,
+            starttls_available: true,
+            users: Arc::default(),
+            require_auth: false,
+            allow_plaintext_auth: false,
+        }
+    }
+
     fn session() -> Session {
-        Session::new(
-            Settings {
-                hostname: "relay.test".into(),
-                max_message_size: 1000,
-                max_recipients: 2,
-                starttls_available: true,
-            },
-            false,
-        )
+        Session::new(settings(), false, TRUSTED)
     }
 
     /// Runs a whole client transcript and returns each event rendered as text.
@@ -303,6 +470,12 @@ mod tests {
                 Event::StartTls(r) => {
                     out.push(format!("tls {r}"));
                     break;
+                }
+                Event::AuthFailed { reply, close } => {
+                    out.push(format!("authfail {reply}"));
+                    if close {
+                        break;
+                    }
                 }
                 Event::Relay(tx) => out.push(format!(
                     "relay {} {:?} {}",
@@ -473,9 +646,10 @@ mod tests {
         let mut s = Session::new(
             Settings {
                 starttls_available: false,
-                ..session().settings
+                ..settings()
             },
             false,
+            TRUSTED,
         );
         let out = run(&mut s, b"EHLO c\r\nSTARTTLS\r\n");
         assert!(!out[0].contains("STARTTLS"));
@@ -492,6 +666,188 @@ mod tests {
             out.last().unwrap(),
             "close 421 4.7.0 Too many errors, closing connection"
         );
+    }
+
+    fn auth_session(tls: bool, peer: Peer, require_auth: bool) -> Session {
+        let mut users = Users::default();
+        users.insert("app", "acme", vec!["pw".into()]);
+        Session::new(
+            Settings {
+                users: Arc::new(users),
+                require_auth,
+                ..settings()
+            },
+            tls,
+            peer,
+        )
+    }
+
+    fn b64(s: &str) -> String {
+        auth::b64_encode(s.as_bytes())
+    }
+
+    #[test]
+    fn auth_plain_binds_the_project() {
+        let mut s = auth_session(true, TRUSTED, false);
+        let out = run(
+            &mut s,
+            format!(
+                "EHLO c\r\nAUTH PLAIN {}\r\nAUTH PLAIN {}\r\n",
+                b64("\0app\0pw"),
+                b64("\0app\0pw")
+            )
+            .as_bytes(),
+        );
+        assert!(out[0].ends_with("250 AUTH PLAIN LOGIN"), "{}", out[0]);
+        assert_eq!(out[1], "235 2.7.0 Authentication successful");
+        assert_eq!(out[2], "503 5.5.1 Already authenticated");
+        let out = run(
+            &mut s,
+            b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\nx\r\n.\r\n",
+        );
+        assert!(out[3].starts_with("relay"), "{out:?}");
+        assert_eq!(s.authenticated(), Some("acme"));
+    }
+
+    #[test]
+    fn auth_plain_and_login_with_challenges() {
+        let mut s = auth_session(true, TRUSTED, false);
+        let out = run(
+            &mut s,
+            format!("EHLO c\r\nAUTH PLAIN\r\n{}\r\n", b64("\0app\0pw")).as_bytes(),
+        );
+        assert_eq!(&out[1..], ["334", "235 2.7.0 Authentication successful"]);
+        let mut s = auth_session(true, TRUSTED, false);
+        let out = run(
+            &mut s,
+            format!(
+                "EHLO c\r\nAUTH LOGIN\r\n{}\r\n{}\r\n",
+                b64("app"),
+                b64("pw")
+            )
+            .as_bytes(),
+        );
+        assert_eq!(
+            &out[1..],
+            [
+                "334 VXNlcm5hbWU6",
+                "334 UGFzc3dvcmQ6",
+                "235 2.7.0 Authentication successful"
+            ]
+        );
+        let mut s = auth_session(true, TRUSTED, false);
+        let out = run(
+            &mut s,
+            format!("EHLO c\r\nAUTH LOGIN {}\r\n{}\r\n", b64("app"), b64("pw")).as_bytes(),
+        );
+        assert_eq!(
+            &out[1..],
+            ["334 UGFzc3dvcmQ6", "235 2.7.0 Authentication successful"]
+        );
+    }
+
+    #[test]
+    fn auth_failures_cancel_and_errors() {
+        let mut s = auth_session(true, TRUSTED, false);
+        let out = run(
+            &mut s,
+            format!("EHLO c\r\nAUTH PLAIN {}\r\nAUTH LOGIN\r\n*\r\nAUTH PLAIN !!!\r\nAUTH CRAM-MD5\r\nMAIL FROM:<a@b.example>\r\nAUTH PLAIN {}\r\n", b64("\0app\0wrong"), b64("\0app\0pw")).as_bytes(),
+        );
+        assert_eq!(
+            &out[1..],
+            [
+                "authfail 535 5.7.8 Authentication credentials invalid",
+                "334 VXNlcm5hbWU6",
+                "501 5.7.0 Authentication cancelled",
+                "501 5.5.2 Cannot decode the base64 response",
+                "504 5.5.4 Unsupported authentication mechanism; use PLAIN or LOGIN",
+                "250 2.1.0 Sender ok",
+                "503 5.5.1 AUTH is not allowed during a mail transaction",
+            ]
+        );
+    }
+
+    #[test]
+    fn third_auth_failure_closes() {
+        let mut s = auth_session(true, TRUSTED, false);
+        let bad = format!("AUTH PLAIN {}\r\n", b64("\0app\0nope"));
+        let out = run(&mut s, format!("EHLO c\r\n{bad}{bad}{bad}").as_bytes());
+        assert_eq!(out.len(), 4);
+        assert!(out[3].starts_with("authfail 535"));
+        assert_eq!(s.auth_failures, MAX_AUTH_FAILURES);
+    }
+
+    #[test]
+    fn auth_needs_tls_unless_plaintext_allowed_on_loopback() {
+        let mut s = auth_session(false, TRUSTED, false);
+        let out = run(
+            &mut s,
+            format!("EHLO c\r\nAUTH PLAIN {}\r\n", b64("\0app\0pw")).as_bytes(),
+        );
+        assert!(!out[0].contains("AUTH"));
+        assert!(out[1].starts_with("538 5.7.11"), "{}", out[1]);
+        let mut plain = auth_session(false, TRUSTED, false);
+        plain.settings.allow_plaintext_auth = true;
+        let out = run(
+            &mut plain,
+            format!("EHLO c\r\nAUTH PLAIN {}\r\n", b64("\0app\0pw")).as_bytes(),
+        );
+        assert!(out[1].starts_with("235"), "{}", out[1]);
+        let remote = Peer {
+            trusted: true,
+            loopback: false,
+        };
+        let mut s = auth_session(false, remote, false);
+        s.settings.allow_plaintext_auth = true;
+        let out = run(
+            &mut s,
+            format!("EHLO c\r\nAUTH PLAIN {}\r\n", b64("\0app\0pw")).as_bytes(),
+        );
+        assert!(out[1].starts_with("538"), "{}", out[1]);
+        // No users: AUTH is not a thing here.
+        let out = run(&mut session(), b"EHLO c\r\nAUTH PLAIN AAAA\r\n");
+        assert!(out[1].starts_with("502 5.5.1"), "{}", out[1]);
+    }
+
+    #[test]
+    fn mail_needs_auth_from_untrusted_peers_or_when_required() {
+        let untrusted = Peer {
+            trusted: false,
+            loopback: false,
+        };
+        let mut s = auth_session(true, untrusted, false);
+        let out = run(&mut s, b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n");
+        assert!(out[1].starts_with("554 5.7.1"), "{}", out[1]);
+        let out = run(
+            &mut s,
+            format!(
+                "AUTH PLAIN {}\r\nMAIL FROM:<a@b.example>\r\n",
+                b64("\0app\0pw")
+            )
+            .as_bytes(),
+        );
+        assert_eq!(
+            out,
+            ["235 2.7.0 Authentication successful", "250 2.1.0 Sender ok"]
+        );
+
+        let mut s = auth_session(true, TRUSTED, true);
+        let out = run(&mut s, b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n");
+        assert!(out[1].starts_with("530 5.7.0"), "{}", out[1]);
+    }
+
+    #[test]
+    fn starttls_forgets_authentication() {
+        let mut s = auth_session(false, TRUSTED, false);
+        s.settings.allow_plaintext_auth = true;
+        run(
+            &mut s,
+            format!("EHLO c\r\nAUTH PLAIN {}\r\n", b64("\0app\0pw")).as_bytes(),
+        );
+        assert_eq!(s.authenticated(), Some("acme"));
+        run(&mut s, b"STARTTLS\r\n");
+        s.tls_started();
+        assert_eq!(s.authenticated(), None);
     }
 
     #[test]
