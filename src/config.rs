@@ -108,6 +108,8 @@ struct RawListener {
     shutdown_grace_secs: u64,
     #[serde(default = "default_auth_failure_delay")]
     auth_failure_delay_ms: u64,
+    #[serde(default)]
+    proxy_protocol: bool,
 }
 
 impl Default for RawListener {
@@ -132,6 +134,7 @@ impl Default for RawListener {
             max_session_secs: default_max_session(),
             shutdown_grace_secs: default_shutdown_grace(),
             auth_failure_delay_ms: default_auth_failure_delay(),
+            proxy_protocol: false,
         }
     }
 }
@@ -298,6 +301,8 @@ pub struct Listener {
     pub max_session: Duration,
     pub shutdown_grace: Duration,
     pub auth_failure_delay: Duration,
+    /// Every connection starts with a PROXY protocol header (v1 or v2).
+    pub proxy_protocol: bool,
 }
 
 impl Listener {
@@ -641,6 +646,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             max_session: Duration::from_secs(l.max_session_secs),
             shutdown_grace: Duration::from_secs(l.shutdown_grace_secs),
             auth_failure_delay: Duration::from_millis(l.auth_failure_delay_ms),
+            proxy_protocol: l.proxy_protocol,
         },
         users: Arc::new(users),
         server: Server {

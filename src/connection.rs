@@ -1,7 +1,7 @@
 //! One client connection: reads with bounds and timeouts, feeds the session, writes its
 //! replies, relays finished messages, and upgrades to TLS (STARTTLS or implicit).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +10,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::Shared;
+use crate::proxy;
+use crate::server::{self, Shared};
 use crate::smtp::session::Peer;
 use crate::smtp::{Event, Reply, Session};
 
@@ -24,7 +25,14 @@ pub enum ConnectionError {
     Io(#[from] std::io::Error),
     #[error("TLS handshake timed out")]
     HandshakeTimeout,
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
+    #[error("no PROXY protocol header in time")]
+    ProxyTimeout,
 }
+
+/// How long a load balancer has to send its PROXY header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum Next<S> {
     Done,
@@ -43,8 +51,8 @@ struct Limits {
 /// Serves one accepted connection to the end. `Err` means it ended abnormally; the caller
 /// logs it once.
 pub async fn serve(
-    tcp: TcpStream,
-    peer_ip: IpAddr,
+    mut tcp: TcpStream,
+    tcp_peer: SocketAddr,
     implicit_tls: bool,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -52,6 +60,28 @@ pub async fn serve(
     let _ = tcp.set_nodelay(true);
     let state = shared.current();
     let listener = &state.config.listener;
+    let client = if listener.proxy_protocol {
+        let client = match read_proxy_header(&mut tcp).await? {
+            proxy::Header::Proxied(addr) => addr,
+            proxy::Header::Local => tcp_peer,
+        };
+        tracing::Span::current().record("client", tracing::field::display(client));
+        client
+    } else {
+        tcp_peer
+    };
+    let peer_ip = client.ip().to_canonical();
+    // Outside the allow list a client may connect only to authenticate.
+    if !listener.is_trusted(peer_ip) && state.config.users.is_empty() {
+        tracing::info!(client = %client, "refused: not in the allow list");
+        server::refuse(tcp, Reply::PEER_NOT_ALLOWED).await;
+        return Ok(());
+    }
+    let Some(_slot) = shared.per_ip_slot(peer_ip, listener.max_connections_per_ip) else {
+        tracing::info!(client = %client, "refused: too many connections from this address");
+        server::refuse(tcp, Reply::TOO_MANY_FROM_PEER).await;
+        return Ok(());
+    };
     let limits = Limits {
         idle: listener.idle_timeout,
         data: listener.data_timeout,
@@ -82,6 +112,31 @@ pub async fn serve(
         ctx.drive(tls, &mut session, false).await?;
     }
     Ok(())
+}
+
+/// Reads exactly the PROXY header, peeking so that no byte of what follows (SMTP or a TLS
+/// handshake) is consumed.
+async fn read_proxy_header(tcp: &mut TcpStream) -> Result<proxy::Header, ConnectionError> {
+    let read = async {
+        let mut peeked = vec![0u8; 1100];
+        loop {
+            let n = tcp.peek(&mut peeked).await?;
+            if n == 0 {
+                return Err(ConnectionError::Proxy(proxy::ProxyError::closed()));
+            }
+            if let Some((header, len)) = proxy::parse(&peeked[..n])? {
+                let mut consumed = vec![0u8; len];
+                tcp.read_exact(&mut consumed).await?;
+                return Ok(header);
+            }
+            // Incomplete: peek returns at once with the same bytes, so wait a little.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    match tokio::time::timeout(PROXY_HEADER_TIMEOUT, read).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectionError::ProxyTimeout),
+    }
 }
 
 async fn handshake(

@@ -15,6 +15,7 @@ pub mod capture;
 pub mod config;
 pub mod connection;
 pub mod policy;
+pub mod proxy;
 pub mod relay;
 pub mod server;
 pub mod smtp;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use project_relay::config::{Config, ProjectSmtp, Provider};
-use project_relay::{Listeners, tls};
+use project_relay::{Listeners, Reloader, Server, tls};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -69,25 +69,52 @@ fn init_logging() {
 
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(path).context("invalid configuration")?);
+    warn_misconfigured(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        // Handlers first: a signal that came before them would kill the process.
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate())?;
+        let hup = signal(SignalKind::hangup())?;
+        let listeners = Listeners::bind(&config).await?;
+        let server = Server::new(config, listeners)?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(term, shutdown.clone()));
+        tokio::spawn(reload_on_sighup(hup, path.to_owned(), server.reloader()));
+        server.run(shutdown).await
+    })
+}
+
+/// SIGHUP: read and validate the file again; use it if it is valid, else keep the running
+/// config and log every problem. Open connections are not touched.
+async fn reload_on_sighup(mut hup: tokio::signal::unix::Signal, path: PathBuf, reloader: Reloader) {
+    while hup.recv().await.is_some() {
+        let loaded = Config::load(&path).map_err(anyhow::Error::from);
+        match loaded.and_then(|c| {
+            warn_misconfigured(&c);
+            reloader.reload(c)
+        }) {
+            Ok(()) => tracing::info!("reloaded {}", path.display()),
+            Err(e) => {
+                for line in e.to_string().lines() {
+                    tracing::error!("reload failed, keeping the running config: {line}");
+                }
+            }
+        }
+    }
+}
+
+fn warn_misconfigured(config: &Config) {
     for (name, line) in config.check_report() {
         if let Err(problem) = line {
             tracing::warn!("project {name}: {problem}; its mail will be refused with 451 4.3.5");
         }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let listeners = Listeners::bind(&config).await?;
-        let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
-        project_relay::run(config, listeners, shutdown).await
-    })
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+async fn stop_on_signal(mut term: tokio::signal::unix::Signal, shutdown: CancellationToken) {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -103,6 +103,21 @@ impl Shared {
             .clone()
     }
 
+    /// A connection slot for `ip`, if it has fewer than `limit`. Loopback is not limited: a
+    /// local app or load generator may open many.
+    pub fn per_ip_slot(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<PerIpSlot> {
+        let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= limit && !ip.is_loopback() {
+            return None;
+        }
+        *n += 1;
+        Some(PerIpSlot {
+            shared: self.clone(),
+            ip,
+        })
+    }
+
     /// Records a failed AUTH from `ip`; returns its recent failure count.
     pub fn auth_failed(&self, ip: IpAddr) -> u32 {
         let mut table = self.auth_failures.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,7 +241,7 @@ struct Accept {
 }
 
 /// Holds one of an address's connection slots until dropped.
-struct PerIpSlot {
+pub struct PerIpSlot {
     shared: Arc<Shared>,
     ip: IpAddr,
 }
@@ -259,65 +274,30 @@ impl Accept {
                     continue;
                 }
             };
-            let ip = peer.ip().to_canonical();
-            if let Some(reply) = self.admit(ip) {
-                tracing::info!(%peer, code = reply.code, "connection refused: {}", reply.text);
-                self.tracker.spawn(refuse(tcp, reply));
-                continue;
-            }
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 self.tracker.spawn(refuse(tcp, Reply::TOO_MANY_CONNECTIONS));
-                continue;
-            };
-            let Some(ip_slot) = self.per_ip_slot(ip) else {
-                self.tracker.spawn(refuse(tcp, Reply::TOO_MANY_FROM_PEER));
                 continue;
             };
             let shared = self.shared.clone();
             let shutdown = self.shutdown.clone();
             let implicit_tls = self.implicit_tls;
-            let span = tracing::info_span!("session", %peer);
+            let span = tracing::info_span!("session", %peer, client = tracing::field::Empty);
             self.tracker.spawn(
                 async move {
                     tracing::debug!("connected");
-                    match connection::serve(tcp, ip, implicit_tls, shared, shutdown).await {
+                    match connection::serve(tcp, peer, implicit_tls, shared, shutdown).await {
                         Ok(()) => tracing::debug!("closed"),
                         Err(e) => tracing::info!("connection ended: {e}"),
                     }
-                    drop((permit, ip_slot));
+                    drop(permit);
                 }
                 .instrument(span),
             );
         }
     }
-
-    /// A peer outside the allow list may connect only to authenticate.
-    fn admit(&self, ip: IpAddr) -> Option<Reply> {
-        let state = self.shared.current();
-        let trusted = state.config.listener.is_trusted(ip);
-        (!trusted && state.config.users.is_empty()).then_some(Reply::PEER_NOT_ALLOWED)
-    }
-
-    /// Loopback is not limited per address: a local load generator or app may open many.
-    fn per_ip_slot(&self, ip: IpAddr) -> Option<PerIpSlot> {
-        let limit = self.shared.current().config.listener.max_connections_per_ip;
-        let mut map = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= limit && !ip.is_loopback() {
-            if *n == 0 {
-                map.remove(&ip);
-            }
-            return None;
-        }
-        *n += 1;
-        Some(PerIpSlot {
-            shared: self.shared.clone(),
-            ip,
-        })
-    }
 }
 
-async fn refuse(mut tcp: TcpStream, reply: Reply) {
+pub async fn refuse(mut tcp: TcpStream, reply: Reply) {
     let _ = tcp.write_all(&reply.to_bytes()).await;
     let _ = tcp.shutdown().await;
 }

@@ -193,3 +193,67 @@ fn terminate(pid: u32) {
         .unwrap();
     assert!(ok.success());
 }
+
+#[test]
+fn sighup_reloads_a_valid_file_and_keeps_the_old_one_when_invalid() {
+    let (_dir, path) =
+        write_config("[listener]\nsmtp = \"127.0.0.1:0\"\nhostname = \"first.test\"\n");
+    let mut child = bin()
+        .arg("--config")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut next_containing = |needle: &str| -> String {
+        loop {
+            let line = lines.next().expect("relay exited early").unwrap();
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    };
+    let line = next_containing("listening on ");
+    let addr: std::net::SocketAddr = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let greeting = |addr| {
+        let mut sock = std::net::TcpStream::connect(addr).unwrap();
+        let mut g = String::new();
+        BufReader::new(&mut sock).read_line(&mut g).unwrap();
+        g
+    };
+    assert!(greeting(addr).starts_with("220 first.test"));
+
+    std::fs::write(
+        &path,
+        "[listener]\nsmtp = \"127.0.0.1:0\"\nhostname = \"second.test\"\n",
+    )
+    .unwrap();
+    hup(child.id());
+    next_containing("reloaded");
+    assert!(greeting(addr).starts_with("220 second.test"));
+
+    std::fs::write(&path, "[listener]\nhostnme = \"typo.test\"\n").unwrap();
+    hup(child.id());
+    let line = next_containing("reload failed");
+    assert!(line.contains("hostnme"), "{line}");
+    assert!(greeting(addr).starts_with("220 second.test"));
+    terminate(child.id());
+    assert!(child.wait().unwrap().success());
+}
+
+fn hup(pid: u32) {
+    assert!(
+        Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+            .success()
+    );
+}
