@@ -32,6 +32,9 @@ pub struct Script {
     pub implicit_tls: Option<Arc<rustls::ServerConfig>>,
     pub no_8bitmime: bool,
     pub smtputf8: bool,
+    /// Percent of messages that meet a random fault: a 451, a dropped connection (before or
+    /// after the data), or a stall.
+    pub chaos_percent: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -54,6 +57,7 @@ struct State {
     commands: Mutex<Vec<String>>,
     connections: AtomicUsize,
     kill: Mutex<CancellationToken>,
+    rng: Mutex<u64>,
 }
 
 pub struct Upstream {
@@ -79,6 +83,7 @@ impl Upstream {
             commands: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
             kill: Mutex::new(CancellationToken::new()),
+            rng: Mutex::new(0x9E37_79B9_7F4A_7C15),
         });
         let stop = CancellationToken::new();
         let (st, stop2) = (state.clone(), stop.clone());
@@ -122,6 +127,21 @@ impl Upstream {
         let mut kill = self.state.kill.lock().unwrap();
         kill.cancel();
         *kill = CancellationToken::new();
+    }
+}
+
+impl State {
+    /// With `percent` chance, one of four faults.
+    fn roll(&self, percent: u32) -> Option<u64> {
+        if percent == 0 {
+            return None;
+        }
+        let mut x = self.rng.lock().unwrap();
+        // xorshift64: deterministic, and enough for picking faults.
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        ((*x % 100) < u64::from(percent)).then_some((*x >> 32) % 4)
     }
 }
 
@@ -300,6 +320,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 say!("503 5.5.1 bad sequence");
                 continue;
             }
+            // Faults: 0 = answer 451, 1 = drop now, 2 = drop after the data, 3 = stall.
+            let fault = state.roll(script.chaos_percent);
+            if fault == Some(1) {
+                return None;
+            }
             say!("354 go ahead");
             let mut wire = Vec::new();
             let mut data = Vec::new();
@@ -315,9 +340,18 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 let unstuffed = line.strip_prefix(b".").unwrap_or(&line);
                 data.extend_from_slice(unstuffed);
             }
-            if script.stall_after_data {
+            if script.stall_after_data || fault == Some(3) {
                 kill.cancelled().await;
                 return None;
+            }
+            if fault == Some(2) {
+                return None;
+            }
+            if fault == Some(0) {
+                mail = None;
+                rcpts.clear();
+                say!("451 4.3.0 chaos says try again");
+                continue;
             }
             if let Some(delay) = script.delay_after_data {
                 tokio::time::sleep(delay).await;
