@@ -83,7 +83,7 @@ fn timestamp(now: SystemTime) -> String {
 /// are written under temporary names, synced, then renamed, so a reader never sees half a
 /// mail and an acknowledged mail survives a crash. The `.eml` lands last: once it is there,
 /// its envelope is too.
-pub fn write(dir: &Path, mut envelope: Envelope, message: &[u8]) -> std::io::Result<PathBuf> {
+pub fn write(dir: &Path, mut envelope: Envelope, message: &[&[u8]]) -> std::io::Result<PathBuf> {
     let stamp = timestamp(SystemTime::now());
     let id = format!(
         "{stamp}-{:x}{:04x}",
@@ -91,20 +91,23 @@ pub fn write(dir: &Path, mut envelope: Envelope, message: &[u8]) -> std::io::Res
         COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff
     );
     std::fs::create_dir_all(dir)?;
-    envelope.size = message.len();
+    envelope.size = message.iter().map(|p| p.len()).sum();
     envelope.received_at = stamp;
     envelope.id = id.clone();
     let json = serde_json::to_vec_pretty(&envelope).map_err(std::io::Error::other)?;
-    write_atomic(&dir.join(format!("{id}.json")), &json)?;
+    write_atomic(&dir.join(format!("{id}.json")), &[&json])?;
     let eml = dir.join(format!("{id}.eml"));
     write_atomic(&eml, message)?;
     Ok(eml)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+fn write_atomic(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    for part in parts {
+        f.write_all(part)?;
+    }
+    let f = f.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
 }

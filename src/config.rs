@@ -175,6 +175,9 @@ fn default_shutdown_grace() -> u64 {
 fn default_auth_failure_delay() -> u64 {
     1000
 }
+fn default_pool_size() -> usize {
+    100
+}
 fn default_true() -> bool {
     true
 }
@@ -229,6 +232,8 @@ struct RawUpstream {
     ca_file: Option<PathBuf>,
     #[serde(default = "default_timeout_secs")]
     timeout_secs: u64,
+    #[serde(default = "default_pool_size")]
+    pool_size: usize,
 }
 
 impl Default for RawUpstream {
@@ -236,6 +241,7 @@ impl Default for RawUpstream {
         RawUpstream {
             ca_file: None,
             timeout_secs: default_timeout_secs(),
+            pool_size: default_pool_size(),
         }
     }
 }
@@ -396,6 +402,8 @@ impl fmt::Display for SmtpTarget {
 pub struct Upstream {
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
+    /// Idle connections kept per upstream.
+    pub pool_size: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -658,6 +666,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
         upstream: Upstream {
             ca_file: raw.upstream.ca_file.map(|p| resolve(base, p)),
             timeout: Duration::from_secs(raw.upstream.timeout_secs),
+            pool_size: raw.upstream.pool_size,
         },
         projects,
     }

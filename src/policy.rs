@@ -29,8 +29,23 @@ pub struct Decision<'c> {
     pub original_from: Option<String>,
     pub resolved_from: String,
     pub from_rewritten: bool,
-    /// The message as it goes upstream.
-    pub message: Vec<u8>,
+    /// The rewritten header fields. The message that goes upstream is `head` followed by the
+    /// received bytes from `body_offset` on (the empty line and the body), which are never
+    /// copied: a large message stays in memory once.
+    pub head: Vec<u8>,
+    pub body_offset: usize,
+}
+
+impl Decision<'_> {
+    /// The outgoing message in two pieces, without copying the body.
+    pub fn parts<'a>(&'a self, data: &'a [u8]) -> [&'a [u8]; 2] {
+        [&self.head, &data[self.body_offset..]]
+    }
+
+    /// The outgoing message as one buffer (tests, small messages).
+    pub fn assemble(&self, data: &[u8]) -> Vec<u8> {
+        self.parts(data).concat()
+    }
 }
 
 /// One header field: `start..end` covers the name through the CRLF of its last line.
@@ -182,7 +197,8 @@ pub fn decide<'c>(
     let resolved_from = resolved.render();
 
     // Splice: drop the project header, keep or replace the one From, normalise Sender.
-    let mut out = Vec::with_capacity(data.len() + resolved_from.len() + 16);
+    let header_end = fields.last().map_or(0, |f| f.end);
+    let mut out = Vec::with_capacity(header_end + resolved_from.len() + 16);
     let mut copied = 0;
     if from_fields.is_empty() {
         push_field(&mut out, "From", &resolved_from);
@@ -213,7 +229,7 @@ pub fn decide<'c>(
             copied = f.end;
         }
     }
-    out.extend_from_slice(&data[copied..]);
+    out.extend_from_slice(&data[copied..header_end]);
 
     Ok(Decision {
         project: project.map(|(name, _)| name.as_str()),
@@ -222,7 +238,8 @@ pub fn decide<'c>(
         original_from,
         resolved_from,
         from_rewritten: !kept_verbatim,
-        message: out,
+        head: out,
+        body_offset: header_end,
     })
 }
 
@@ -310,7 +327,7 @@ smtpUsername = "u"
         // Leak: tests only, keeps the borrow simple.
         let c: &'static Config = Box::leak(Box::new(c.clone()));
         decide(c, msg.as_bytes(), None).map(|d| {
-            let text = String::from_utf8(d.message.clone()).unwrap();
+            let text = String::from_utf8(d.assemble(msg.as_bytes())).unwrap();
             (d, text)
         })
     }

@@ -27,21 +27,24 @@ impl Relay {
             ca_pem,
             config.upstream.timeout,
             &config.listener.hostname,
+            config.upstream.pool_size,
         );
         Ok(Relay { config, upstreams })
     }
 
     /// Relays one finished transaction and returns the client's reply: 250 only once the
     /// upstream (or the capture folder) has the message.
-    pub async fn relay(&self, tx: Transaction) -> Reply {
+    pub async fn relay(&self, mut tx: Transaction) -> Reply {
         let started = Instant::now();
-        let decision = match policy::decide(&self.config, &tx.data, tx.auth_project.as_deref()) {
+        let size = tx.data.len();
+        let mut decision = match policy::decide(&self.config, &tx.data, tx.auth_project.as_deref())
+        {
             Ok(d) => d,
             Err(reply) => {
                 tracing::info!(
                     mail_from = %tx.mail_from,
                     recipients = tx.recipients.len(),
-                    size = tx.data.len(),
+                    size,
                     code = reply.code,
                     reply = %reply.text,
                     "message refused"
@@ -63,7 +66,7 @@ impl Relay {
                     target,
                     &decision.envelope_from,
                     &tx.recipients,
-                    &decision.message,
+                    &decision.parts(&tx.data),
                 )
                 .await
                 .map_or_else(|r| r, |accepted| Reply::delivered(&accepted.text)),
@@ -80,10 +83,14 @@ impl Relay {
                     from_rewritten: decision.from_rewritten,
                     ..capture::Envelope::default()
                 };
-                let message = decision.message;
-                let written =
-                    tokio::task::spawn_blocking(move || capture::write(&dir, envelope, &message))
-                        .await;
+                // The message itself moves to the blocking task; it is not copied.
+                let head = std::mem::take(&mut decision.head);
+                let body_offset = decision.body_offset;
+                let data = std::mem::take(&mut tx.data);
+                let written = tokio::task::spawn_blocking(move || {
+                    capture::write(&dir, envelope, &[&head, &data[body_offset..]])
+                })
+                .await;
                 match written {
                     Ok(Ok(path)) => Reply::captured(&path.display().to_string()),
                     Ok(Err(e)) => Reply::capture_failed(&e.to_string()),
@@ -97,7 +104,7 @@ impl Relay {
             upstream = upstream.unwrap_or("-"),
             mail_from = %decision.envelope_from,
             recipients = tx.recipients.len(),
-            size = tx.data.len(),
+            size,
             from_rewritten = decision.from_rewritten,
             code = reply.code,
             reply = %reply.text,

@@ -1,9 +1,13 @@
 //! The one place that speaks SMTP to upstream relays (through lettre): a small pool of
 //! connections per upstream, and the mapping from what happened there to the client's reply.
 //!
-//! lettre's own pool is not used: it has no read timeout on async connections, and a send
-//! cancelled by our deadline would return a connection stuck mid-DATA to its pool. Here a
-//! connection goes back to the pool only after a clean send; anything else drops it.
+//! lettre's own pool and `send` are not used: its pool has no read timeout on async
+//! connections, a send cancelled by our deadline would return a connection stuck mid-DATA to
+//! it, and its `send` closes the connection when a recipient is refused and needs the whole
+//! message in one buffer (dot-stuffed into a second one). Here the transaction runs command by
+//! command over lettre's connection: the message goes out in bounded chunks, a refused
+//! transaction is reset and the connection kept, and a connection goes back to the pool only
+//! after a clean exchange; anything else (I/O error, timeout) drops it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -13,12 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use lettre::address::{Address, Envelope};
+use lettre::address::Address;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{
     AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
 };
-use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -26,8 +32,8 @@ use tokio_rustls::TlsConnector;
 use crate::config::{SmtpTarget, TlsMode};
 use crate::smtp::Reply;
 
-/// Idle connections kept per upstream; more than this are closed after use.
-const MAX_IDLE_PER_UPSTREAM: usize = 64;
+/// The message goes to lettre in pieces of this size, so its dot-stuffed copy stays small.
+const CHUNK: usize = 64 * 1024;
 /// An idle connection older than this is closed rather than reused; upstreams commonly
 /// drop idle sessions after a minute or so.
 const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
@@ -48,6 +54,8 @@ pub struct Upstreams {
     ca_pem: Option<Vec<u8>>,
     timeout: Duration,
     hello: ClientId,
+    /// Idle connections kept per upstream; more are closed after use.
+    pool_size: usize,
 }
 
 impl fmt::Debug for Upstreams {
@@ -69,6 +77,7 @@ impl Upstreams {
         ca_pem: Option<Vec<u8>>,
         timeout: Duration,
         hello_name: &str,
+        pool_size: usize,
     ) -> Upstreams {
         Upstreams {
             pools: Mutex::new(HashMap::new()),
@@ -76,6 +85,7 @@ impl Upstreams {
             ca_pem,
             timeout,
             hello: ClientId::Domain(hello_name.to_owned()),
+            pool_size,
         }
     }
 
@@ -95,41 +105,60 @@ impl Upstreams {
             .sum()
     }
 
-    /// Sends one message. `body` is the unstuffed message, every line ending in CRLF.
+    /// Sends one message, given as pieces that together are the unstuffed message with every
+    /// line ending in CRLF.
     pub async fn send(
         &self,
         target: &SmtpTarget,
         from: &str,
         recipients: &[String],
-        body: &[u8],
+        message: &[&[u8]],
     ) -> Result<Accepted, Reply> {
-        let envelope = envelope(from, recipients)?;
-        // lettre stuffs dots and appends CRLF.CRLF itself; the last line's CRLF is part of
-        // that marker, so leaving it in would add an empty line.
-        let body = body.strip_suffix(b"\r\n").unwrap_or(body);
+        let from = parse_address(from)?;
+        let to = recipients
+            .iter()
+            .map(|r| parse_address(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let chunks = chunks(message);
+        let size: usize = chunks.iter().map(|c| c.len()).sum();
         let pool = self.pool(target);
         let mut conn = self.checkout(&pool, target).await?;
-        let deadline = self.timeout + Duration::from_secs(body.len() as u64 / BYTES_PER_SEC_FLOOR);
-        match tokio::time::timeout(deadline, conn.send(&envelope, body)).await {
-            Ok(Ok(response)) => {
-                let accepted = Accepted {
+        let deadline = self.timeout + Duration::from_secs(size as u64 / BYTES_PER_SEC_FLOOR);
+        let outcome =
+            tokio::time::timeout(deadline, transact(&mut conn, &from, &to, &chunks)).await;
+        let (result, keep) = match outcome {
+            Ok(Ok(response)) => (
+                Ok(Accepted {
                     code: code_of(&response.code().to_string()),
                     text: response.message().collect::<Vec<_>>().join(" "),
-                };
-                let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-                if idle.len() < MAX_IDLE_PER_UPSTREAM && !conn.has_broken() {
-                    idle.push((conn, Instant::now()));
-                }
-                Ok(accepted)
+                }),
+                true,
+            ),
+            Ok(Err(Failure::Refused(e, clean))) => (Err(classify(&e, target)), clean),
+            Ok(Err(Failure::CannotCarry(why))) => (
+                Err(Reply::upstream_cannot_carry(&format!(
+                    "{}: {why}",
+                    target.host
+                ))),
+                true,
+            ),
+            Ok(Err(Failure::Broken(e))) => (Err(classify(&e, target)), false),
+            Err(_) => (
+                Err(Reply::upstream_timeout(&format!(
+                    "{} did not answer within {}s",
+                    target.host,
+                    deadline.as_secs()
+                ))),
+                false,
+            ),
+        };
+        if keep {
+            let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < self.pool_size {
+                idle.push((conn, Instant::now()));
             }
-            // lettre has already sent QUIT and closed on any error.
-            Ok(Err(e)) => Err(classify(&e, target)),
-            Err(_) => Err(Reply::upstream_timeout(&format!(
-                "{} did not answer within {}s",
-                target.host,
-                deadline.as_secs()
-            ))),
         }
+        result
     }
 
     /// A live connection: an idle one that still answers NOOP, or a new one.
@@ -217,17 +246,88 @@ impl Upstreams {
     }
 }
 
-fn envelope(from: &str, recipients: &[String]) -> Result<Envelope, Reply> {
-    let parse = |a: &str| {
-        a.parse::<Address>()
-            .map_err(|e| Reply::bad_upstream_address(a, &e.to_string()))
+fn parse_address(a: &str) -> Result<Address, Reply> {
+    a.parse::<Address>()
+        .map_err(|e| Reply::bad_upstream_address(a, &e.to_string()))
+}
+
+/// The message in pieces of at most `CHUNK` bytes, without the CRLF of its last line: lettre
+/// writes CRLF.CRLF itself, so leaving it would add an empty line.
+fn chunks<'a>(message: &[&'a [u8]]) -> Vec<&'a [u8]> {
+    let mut parts: Vec<&[u8]> = message.iter().copied().filter(|p| !p.is_empty()).collect();
+    if let Some(last) = parts.last_mut() {
+        *last = last.strip_suffix(b"\r\n").unwrap_or(last);
+    }
+    parts.iter().flat_map(|p| p.chunks(CHUNK)).collect()
+}
+
+fn ascii_address(a: &Address) -> bool {
+    AsRef::<str>::as_ref(a).is_ascii()
+}
+
+enum Failure {
+    /// The upstream answered with a refusal. `true` when the connection is clean again (the
+    /// transaction ended or was reset) and may be reused.
+    Refused(lettre::transport::smtp::Error, bool),
+    /// The upstream lacks an extension this message needs; nothing was sent.
+    CannotCarry(&'static str),
+    /// I/O failed or the reply made no sense: the connection is done.
+    Broken(lettre::transport::smtp::Error),
+}
+
+/// MAIL, RCPT..., DATA and the message. The MAIL parameters follow the message: SMTPUTF8 for
+/// non-ASCII addresses (RFC 6531), BODY=8BITMIME for 8-bit content (RFC 6152).
+async fn transact(
+    conn: &mut AsyncSmtpConnection,
+    from: &Address,
+    to: &[Address],
+    chunks: &[&[u8]],
+) -> Result<Response, Failure> {
+    let info = conn.server_info();
+    let mut params = Vec::new();
+    let non_ascii_address = !ascii_address(from) || to.iter().any(|t| !ascii_address(t));
+    if non_ascii_address {
+        if !info.supports_feature(Extension::SmtpUtfEight) {
+            return Err(Failure::CannotCarry(
+                "a non-ASCII address needs SMTPUTF8, which it does not offer",
+            ));
+        }
+        params.push(MailParameter::SmtpUtfEight);
+    }
+    if !chunks.iter().all(|c| c.is_ascii()) {
+        if !info.supports_feature(Extension::EightBitMime) {
+            return Err(Failure::CannotCarry(
+                "an 8-bit message needs 8BITMIME, which it does not offer",
+            ));
+        }
+        params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    let refused = |e: lettre::transport::smtp::Error| match e.status() {
+        Some(_) => Ok(e),
+        None => Err(Failure::Broken(e)),
     };
-    let to = recipients
-        .iter()
-        .map(|r| parse(r))
-        .collect::<Result<Vec<_>, _>>()?;
-    Envelope::new(Some(parse(from)?), to)
-        .map_err(|e| Reply::bad_upstream_address(from, &e.to_string()))
+    // A refused MAIL leaves no transaction open.
+    if let Err(e) = conn.command(Mail::new(Some(from.clone()), params)).await {
+        return Err(Failure::Refused(refused(e)?, true));
+    }
+    for rcpt in to {
+        // One refused recipient: the whole message waits (no half-delivered message).
+        if let Err(e) = conn.command(Rcpt::new(rcpt.clone(), vec![])).await {
+            let e = refused(e)?;
+            let clean = conn.command(Rset).await.is_ok();
+            return Err(Failure::Refused(e, clean));
+        }
+    }
+    if let Err(e) = conn.command(Data).await {
+        let e = refused(e)?;
+        let clean = conn.command(Rset).await.is_ok();
+        return Err(Failure::Refused(e, clean));
+    }
+    match conn.message_iter(chunks.iter()).await {
+        Ok(response) => Ok(response),
+        // After the end of data the transaction is over either way.
+        Err(e) => Err(Failure::Refused(refused(e)?, true)),
+    }
 }
 
 fn code_of(s: &str) -> u16 {

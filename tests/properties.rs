@@ -173,7 +173,7 @@ proptest! {
             // Refusals (two project headers) are fine; nothing is sent.
             return Ok(());
         };
-        let out = String::from_utf8(d.message.clone()).unwrap();
+        let out = String::from_utf8(d.assemble(msg.as_bytes())).unwrap();
         let (head, out_body) = out.split_once("\r\n\r\n").map(|(h, b)| (format!("{h}\r\n"), b.to_owned())).unwrap_or((out.clone(), String::new()));
         // The body is untouched.
         prop_assert_eq!(out_body, body);

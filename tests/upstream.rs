@@ -98,6 +98,44 @@ async fn a_refused_recipient_sends_nothing() {
         "{:?}",
         up.commands()
     );
+    // The transaction was reset, and the connection serves the next message.
+    assert!(
+        up.commands().iter().any(|c| c == "RSET"),
+        "{:?}",
+        up.commands()
+    );
+    let reply = send(&relay, MSG, &["ok@dest.example"]).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
+async fn dot_stuffing_holds_across_chunk_boundaries() {
+    // The relay cuts the message after its header fields; the rest, "\r\n" and then the body,
+    // goes in 64 KiB pieces. Lines are 64 bytes with a dot at 0 and at 32; shifting the first
+    // line's length moves the piece edges over every position: before a line-start dot,
+    // between CR and LF, just before a mid-line dot.
+    let up = Upstream::start(script(|_| {})).await;
+    let relay = relay_for(&project("acme", &up, "")).await;
+    for first in [59usize, 60, 61, 62, 63, 64, 93, 94] {
+        let mut msg = b"X-Project-Id: acme\r\n\r\n".to_vec();
+        msg.extend(std::iter::repeat_n(b'x', first - 2));
+        msg.extend_from_slice(b"\r\n");
+        for i in 0..3000 {
+            msg.extend_from_slice(format!(".{i:0>30}.{i:0>30}\r\n").as_bytes());
+        }
+        let reply = send(&relay, &msg, &["x@dest.example"]).await;
+        assert!(reply.starts_with("250"), "{reply}");
+        let got = up.received().pop().unwrap();
+        // The relay adds the missing From; the rest is the message as sent.
+        let want = [
+            &b"From: noreply@acme.example\r\n"[..],
+            &msg[b"X-Project-Id: acme\r\n".len()..],
+        ]
+        .concat();
+        let at = got.data.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(got.data == want, "first line {first}: differs at {at:?}");
+    }
 }
 
 #[tokio::test]
@@ -277,4 +315,27 @@ async fn eight_bit_message_to_a_seven_bit_upstream_is_refused_permanently() {
     assert!(reply.starts_with("554 5.3.3"), "{reply}");
     let reply = send(&relay, MSG, &["x@dest.example"]).await;
     assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(
+        up.connections(),
+        1,
+        "nothing was sent, so the connection stays"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_message_keeps_the_connection() {
+    let up = Upstream::start(script(|s| s.data_end = Some("550 5.7.1 no".into()))).await;
+    let relay = relay_for(&project("acme", &up, "")).await;
+    assert!(
+        send(&relay, MSG, &["x@dest.example"])
+            .await
+            .starts_with("550")
+    );
+    up.script(|s| s.data_end = None);
+    assert!(
+        send(&relay, MSG, &["x@dest.example"])
+            .await
+            .starts_with("250")
+    );
+    assert_eq!(up.connections(), 1);
 }
