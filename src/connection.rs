@@ -15,9 +15,10 @@ use crate::server::{self, Shared};
 use crate::smtp::session::Peer;
 use crate::smtp::{Event, Reply, Session};
 
-/// Room kept free in the read buffer; the buffer is shrunk back to this between messages so
-/// thousands of idle sessions stay small.
-const READ_CHUNK: usize = 8 * 1024;
+/// Room for reading commands; small, so thousands of idle sessions stay small.
+const COMMAND_CHUNK: usize = 2 * 1024;
+/// Room for reading message data, where large reads mean fewer system calls.
+const DATA_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
@@ -169,7 +170,7 @@ impl Ctx<'_> {
         greet: bool,
     ) -> Result<Next<S>, ConnectionError> {
         let mut out: Vec<u8> = Vec::with_capacity(512);
-        let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+        let mut buf: Vec<u8> = Vec::new();
         if greet {
             session.greeting().write_to(&mut out);
         }
@@ -239,10 +240,14 @@ impl Ctx<'_> {
                 stream.flush().await?;
                 out.clear();
             }
-            if session.is_idle() && buf.capacity() > 4 * READ_CHUNK {
-                buf.shrink_to(READ_CHUNK);
+            if session.is_idle() && buf.capacity() > 2 * COMMAND_CHUNK {
+                buf.shrink_to(COMMAND_CHUNK);
             }
-            buf.reserve(READ_CHUNK);
+            buf.reserve(if session.in_data() {
+                DATA_CHUNK
+            } else {
+                COMMAND_CHUNK
+            });
             let idle = session.is_idle();
             let wait = if session.in_data() {
                 self.limits.data

@@ -122,10 +122,18 @@ impl Upstreams {
         let chunks = chunks(message);
         let size: usize = chunks.iter().map(|c| c.len()).sum();
         let pool = self.pool(target);
-        let mut conn = self.checkout(&pool, target).await?;
+        let (mut conn, reused) = self.checkout(&pool, target).await?;
         let deadline = self.timeout + Duration::from_secs(size as u64 / BYTES_PER_SEC_FLOOR);
-        let outcome =
+        let mut outcome =
             tokio::time::timeout(deadline, transact(&mut conn, &from, &to, &chunks)).await;
+        if reused && matches!(outcome, Ok(Err(Failure::Stale(_)))) {
+            // The upstream closed this pooled connection while it was idle. Nothing of the
+            // message was sent, so a fresh connection may take it.
+            tracing::debug!(upstream = %target.host, "pooled connection was closed; reconnecting");
+            conn = self.connect_within_timeout(target).await?;
+            outcome =
+                tokio::time::timeout(deadline, transact(&mut conn, &from, &to, &chunks)).await;
+        }
         let (result, keep) = match outcome {
             Ok(Ok(response)) => (
                 Ok(Accepted {
@@ -142,7 +150,7 @@ impl Upstreams {
                 ))),
                 true,
             ),
-            Ok(Err(Failure::Broken(e))) => (Err(classify(&e, target)), false),
+            Ok(Err(Failure::Broken(e) | Failure::Stale(e))) => (Err(classify(&e, target)), false),
             Err(_) => (
                 Err(Reply::upstream_timeout(&format!(
                     "{} did not answer within {}s",
@@ -162,25 +170,30 @@ impl Upstreams {
     }
 
     /// A live connection: an idle one that still answers NOOP, or a new one.
+    /// A pooled connection (`true`) or a new one. A pooled one is not probed with NOOP, which
+    /// would cost a round trip per message: if the upstream closed it meanwhile, MAIL fails
+    /// before anything is sent, and `send` retries on a new connection.
     async fn checkout(
         &self,
         pool: &Pool,
         target: &SmtpTarget,
-    ) -> Result<AsyncSmtpConnection, Reply> {
+    ) -> Result<(AsyncSmtpConnection, bool), Reply> {
         loop {
             let candidate = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let Some((mut conn, since)) = candidate else {
+            let Some((conn, since)) = candidate else {
                 break;
             };
-            if since.elapsed() > MAX_IDLE_AGE {
-                continue;
+            if since.elapsed() <= MAX_IDLE_AGE {
+                return Ok((conn, true));
             }
-            // A connection the upstream closed while idle must not fail the message.
-            if let Ok(true) = tokio::time::timeout(self.timeout, conn.test_connected()).await {
-                return Ok(conn);
-            }
-            tracing::debug!(upstream = %target.host, "dropping a dead pooled connection");
         }
+        Ok((self.connect_within_timeout(target).await?, false))
+    }
+
+    async fn connect_within_timeout(
+        &self,
+        target: &SmtpTarget,
+    ) -> Result<AsyncSmtpConnection, Reply> {
         match tokio::time::timeout(self.timeout, self.connect(target)).await {
             Ok(result) => result,
             Err(_) => Err(Reply::upstream_timeout(&format!(
@@ -273,6 +286,9 @@ enum Failure {
     CannotCarry(&'static str),
     /// I/O failed or the reply made no sense: the connection is done.
     Broken(lettre::transport::smtp::Error),
+    /// MAIL could not even be sent, or was answered 421: the connection was already closed
+    /// (or closing), and nothing of the message went out.
+    Stale(lettre::transport::smtp::Error),
 }
 
 /// MAIL, RCPT..., DATA and the message. The MAIL parameters follow the message: SMTPUTF8 for
@@ -308,7 +324,12 @@ async fn transact(
     };
     // A refused MAIL leaves no transaction open.
     if let Err(e) = conn.command(Mail::new(Some(from.clone()), params)).await {
-        return Err(Failure::Refused(refused(e)?, true));
+        let closing = e.status().is_none_or(|c| c.to_string() == "421");
+        return Err(if closing {
+            Failure::Stale(e)
+        } else {
+            Failure::Refused(e, true)
+        });
     }
     for rcpt in to {
         // One refused recipient: the whole message waits (no half-delivered message).

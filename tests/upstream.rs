@@ -272,6 +272,23 @@ async fn a_pooled_connection_that_died_is_replaced_without_failing_the_message()
 }
 
 #[tokio::test]
+async fn a_pooled_connection_closed_with_421_is_replaced_without_failing_the_message() {
+    let up = Upstream::start(script(|_| {})).await;
+    let relay = relay_for(&project("acme", &up, "")).await;
+    assert!(
+        send(&relay, MSG, &["x@dest.example"])
+            .await
+            .starts_with("250")
+    );
+    up.kill_connections_saying("421 4.4.2 upstream.test Error: timeout exceeded");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let reply = send(&relay, MSG, &["x@dest.example"]).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(up.received().len(), 2);
+    assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test]
 async fn different_credentials_never_share_a_connection() {
     let up = Upstream::start(Script {
         auth: creds(&["acme", "beta"]),

@@ -58,6 +58,8 @@ struct State {
     connections: AtomicUsize,
     kill: Mutex<CancellationToken>,
     rng: Mutex<u64>,
+    /// Said to each connection closed by `kill_connections_saying`.
+    farewell: Mutex<Option<String>>,
 }
 
 pub struct Upstream {
@@ -84,6 +86,7 @@ impl Upstream {
             connections: AtomicUsize::new(0),
             kill: Mutex::new(CancellationToken::new()),
             rng: Mutex::new(0x9E37_79B9_7F4A_7C15),
+            farewell: Mutex::new(None),
         });
         let stop = CancellationToken::new();
         let (st, stop2) = (state.clone(), stop.clone());
@@ -120,6 +123,13 @@ impl Upstream {
 
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Says `reply` on every open connection, then closes it: an idle timeout, as a real
+    /// upstream would announce it.
+    pub fn kill_connections_saying(&self, reply: &str) {
+        *self.state.farewell.lock().unwrap() = Some(reply.to_string());
+        self.kill_connections();
     }
 
     /// Closes every open connection, as an upstream does to idle clients.
@@ -200,7 +210,16 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut mail: Option<(String, String)> = None;
     let mut rcpts: Vec<String> = Vec::new();
     loop {
-        let line = read_line(&mut r, kill).await?;
+        let Some(line) = read_line(&mut r, kill).await else {
+            let farewell = state.farewell.lock().unwrap().clone();
+            if let (true, Some(text)) = (kill.is_cancelled(), farewell) {
+                let _ = r
+                    .get_mut()
+                    .write_all(format!("{text}\r\n").as_bytes())
+                    .await;
+            }
+            return None;
+        };
         let text = String::from_utf8_lossy(&line)
             .trim_end_matches(['\r', '\n'])
             .to_string();
