@@ -18,7 +18,7 @@ use crate::smtp::{Event, Reply, Session};
 /// Room for reading commands; small, so thousands of idle sessions stay small.
 const COMMAND_CHUNK: usize = 2 * 1024;
 /// Room for reading message data, where large reads mean fewer system calls.
-const DATA_CHUNK: usize = 64 * 1024;
+const DATA_CHUNK: usize = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {

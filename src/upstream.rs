@@ -33,7 +33,7 @@ use crate::config::{SmtpTarget, TlsMode};
 use crate::smtp::Reply;
 
 /// The message goes to lettre in pieces of this size, so its dot-stuffed copy stays small.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 32 * 1024;
 /// An idle connection older than this is closed rather than reused; upstreams commonly
 /// drop idle sessions after a minute or so.
 const MAX_IDLE_AGE: Duration = Duration::from_secs(50);

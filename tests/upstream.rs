@@ -112,7 +112,7 @@ async fn a_refused_recipient_sends_nothing() {
 #[tokio::test]
 async fn dot_stuffing_holds_across_chunk_boundaries() {
     // The relay cuts the message after its header fields; the rest, "\r\n" and then the body,
-    // goes in 64 KiB pieces. Lines are 64 bytes with a dot at 0 and at 32; shifting the first
+    // goes in 32 KiB pieces. Lines are 64 bytes with a dot at 0 and at 32; shifting the first
     // line's length moves the piece edges over every position: before a line-start dot,
     // between CR and LF, just before a mid-line dot.
     let up = Upstream::start(script(|_| {})).await;
