@@ -69,6 +69,34 @@ struct RawConfig {
     upstream: RawUpstream,
     #[serde(default)]
     projects: BTreeMap<String, RawProject>,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default)]
+    format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people: one line per event.
+    #[default]
+    Text,
+    /// For log shippers: one JSON object per line.
+    Json,
 }
 
 #[derive(Deserialize)]
@@ -217,6 +245,9 @@ struct RawServerSmtp {
     port: u16,
     username: Option<String>,
     password: Option<Secret>,
+    /// Read by `resolve_values` into `password`; here only so the key is known.
+    #[serde(default, rename = "password_file")]
+    _password_file: Option<serde::de::IgnoredAny>,
     secure: Option<bool>,
 }
 
@@ -272,6 +303,14 @@ struct RawProject {
     relay_username: Option<String>,
     #[serde(rename = "relayPassword")]
     relay_password: Option<Value>,
+    /// Capture this project's mail to this folder instead of sending it (staging).
+    #[serde(rename = "captureDir")]
+    capture_dir: Option<Value>,
+    // Read by `resolve_values` into the secret they name; here only so the keys are known.
+    #[serde(default, rename = "smtpPasswordFile")]
+    _smtp_password_file: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "relayPasswordFile")]
+    _relay_password_file: Option<serde::de::IgnoredAny>,
 }
 
 // ----- the validated config -----
@@ -279,6 +318,9 @@ struct RawProject {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listener: Listener,
+    /// The admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, the capture inbox API).
+    pub admin_listen: Option<String>,
+    pub log_format: LogFormat,
     /// Relay users for listener AUTH, from the projects' `relayUsername`/`relayPassword`.
     pub users: Arc<Users>,
     pub server: Server,
@@ -410,6 +452,8 @@ pub struct Upstream {
 pub struct Project {
     pub app_name: Option<String>,
     pub smtp: ProjectSmtp,
+    /// Capture this project's mail here instead of sending it.
+    pub capture_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -462,20 +506,105 @@ impl Config {
 
     /// Parses and validates TOML text; relative paths are resolved against `base`.
     pub fn from_toml_str(text: &str, base: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            // Only the message and line, never the source snippet, which may hold a secret.
+        // First straight from the text, so unknown keys and wrong types are reported with
+        // their line. Only the message and line, never the source snippet: it may hold a
+        // secret.
+        let line_error = |e: toml::de::Error| {
             let line = e
                 .span()
                 .map(|s| format!("line {}: ", text[..s.start].matches('\n').count() + 1))
                 .unwrap_or_default();
             ConfigError::Invalid(vec![format!("{line}{}", e.message().trim())])
-        })?;
+        };
+        toml::from_str::<RawConfig>(text).map_err(line_error)?;
+        // Then again with `${VAR}` values and `*File` secrets filled in.
+        let mut table: toml::Table = toml::from_str(text).map_err(line_error)?;
         let mut problems = Vec::new();
+        resolve_values(&mut table, "", base, &mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        let raw: RawConfig = Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                ConfigError::Invalid(vec![e.message().trim().to_owned()])
+            })?;
         let config = validate(raw, base, &mut problems);
         if problems.is_empty() {
             Ok(config)
         } else {
             Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+/// Secrets that may instead be read from a file named by `<key>File` (or `<key>_file`), as
+/// container platforms mount them.
+const FILE_SECRETS: &[(&str, &str)] = &[
+    ("smtpPasswordFile", "smtpPassword"),
+    ("relayPasswordFile", "relayPassword"),
+    ("password_file", "password"),
+];
+
+/// Fills in `"${VAR}"` string values from the environment and `*File` secrets from their
+/// files, naming the key of anything missing. Never echoes a value.
+fn resolve_values(table: &mut toml::Table, path: &str, base: &Path, problems: &mut Vec<String>) {
+    for (file_key, key) in FILE_SECRETS {
+        let Some(file) = table.remove(*file_key) else {
+            continue;
+        };
+        let at = format!("{path}{file_key}");
+        if table.contains_key(*key) {
+            problems.push(format!("{at}: set either {key} or {file_key}, not both"));
+            continue;
+        }
+        let Value::String(file) = file else {
+            problems.push(format!("{at}: must be a file path"));
+            continue;
+        };
+        let file = expand_env(&file, &at, problems).unwrap_or(file);
+        match std::fs::read_to_string(resolve(base, PathBuf::from(&file))) {
+            Ok(secret) => {
+                let secret = secret.strip_suffix('\n').unwrap_or(&secret);
+                let secret = secret.strip_suffix('\r').unwrap_or(secret);
+                table.insert((*key).to_owned(), Value::String(secret.to_owned()));
+            }
+            Err(e) => problems.push(format!("{at}: cannot read {file}: {e}")),
+        }
+    }
+    for (key, value) in table.iter_mut() {
+        resolve_value(value, &format!("{path}{key}"), base, problems);
+    }
+}
+
+fn resolve_value(value: &mut Value, at: &str, base: &Path, problems: &mut Vec<String>) {
+    match value {
+        Value::String(s) => {
+            if let Some(expanded) = expand_env(s, at, problems) {
+                *s = expanded;
+            }
+        }
+        Value::Table(t) => resolve_values(t, &format!("{at}."), base, problems),
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                resolve_value(item, &format!("{at}[{i}]"), base, problems);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `"${NAME}"` as the whole value: the variable's value. Anything else is left alone.
+fn expand_env(s: &str, at: &str, problems: &mut Vec<String>) -> Option<String> {
+    let name = s.strip_prefix("${")?.strip_suffix('}')?;
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return None;
+    }
+    match std::env::var(name) {
+        Ok(v) => Some(v),
+        Err(_) => {
+            problems.push(format!("{at}: environment variable {name} is not set"));
+            None
         }
     }
 }
@@ -620,6 +749,14 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
         if name.trim().is_empty() || name.chars().any(|c| c.is_control()) {
             problems.push(format!("projects.{name:?}: invalid project name"));
         }
+        let capture_dir = match p.capture_dir.take() {
+            None => None,
+            Some(Value::String(dir)) if !dir.is_empty() => Some(resolve(base, dir.into())),
+            Some(_) => {
+                problems.push(format!("projects.{name}.captureDir: must be a folder path"));
+                None
+            }
+        };
         relay_user(
             &name,
             p.relay_username.take(),
@@ -627,14 +764,23 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             &mut users,
             problems,
         );
-        projects.insert(name, validate_project(p));
+        let mut project = validate_project(p);
+        project.capture_dir = capture_dir;
+        projects.insert(name, project);
     }
     if l.require_auth && users.is_empty() {
         problems
             .push("listener.require_auth: no project has relayUsername and relayPassword".into());
     }
 
+    if let Some(addr) = &raw.admin.listen
+        && addr.trim().is_empty()
+    {
+        problems.push("admin.listen: must be an address such as 127.0.0.1:9090".into());
+    }
     Config {
+        admin_listen: raw.admin.listen,
+        log_format: raw.log.format,
         listener: Listener {
             smtp: l.smtp,
             smtps: l.smtps,
@@ -732,6 +878,7 @@ fn validate_project(p: RawProject) -> Project {
         return Project {
             app_name,
             smtp: ProjectSmtp::None,
+            capture_dir: None,
         };
     };
 
@@ -837,7 +984,11 @@ fn validate_project(p: RawProject) -> Project {
         }
         _ => ProjectSmtp::Misconfigured(bad),
     };
-    Project { app_name, smtp }
+    Project {
+        app_name,
+        smtp,
+        capture_dir: None,
+    }
 }
 
 impl ProjectSmtp {

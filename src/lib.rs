@@ -14,6 +14,7 @@ pub mod address;
 pub mod capture;
 pub mod config;
 pub mod connection;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod relay;

@@ -7,7 +7,7 @@ use crate::config::{Config, ProjectSmtp, Provider, SmtpTarget};
 use crate::smtp::Reply;
 
 /// Where a message goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport<'c> {
     /// The project's own relay (`smtpHost`).
     Project {
@@ -34,6 +34,8 @@ pub struct Decision<'c> {
     /// copied: a large message stays in memory once.
     pub head: Vec<u8>,
     pub body_offset: usize,
+    /// The project's `captureDir`: write the message there instead of using `transport`.
+    pub capture: Option<&'c std::path::Path>,
 }
 
 impl Decision<'_> {
@@ -240,6 +242,7 @@ pub fn decide<'c>(
         from_rewritten: !kept_verbatim,
         head: out,
         body_offset: header_end,
+        capture: project.and_then(|(_, p)| p.capture_dir.as_deref()),
     })
 }
 

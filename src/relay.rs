@@ -1,11 +1,13 @@
 //! One message from the client to its transport: policy decision, upstream send or capture,
-//! the client's reply, and the one log event per message.
+//! the client's reply, its metrics, and the one log event per message.
 
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::capture;
-use crate::config::{Config, Provider};
+use crate::config::{Config, Provider, SmtpTarget};
+use crate::metrics::{self, Outcome as Kind};
 use crate::policy::{self, Transport};
 use crate::smtp::{Reply, Transaction};
 use crate::tls::{self, TlsError};
@@ -15,6 +17,25 @@ use crate::upstream::Upstreams;
 pub struct Relay {
     pub config: Arc<Config>,
     pub upstreams: Upstreams,
+}
+
+/// What happened to one message: for the client's reply, the log, the metrics, `send-test`.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub reply: Reply,
+    pub project: Option<String>,
+    /// How the message travelled (or would have): `smtp://host:port (tls)`, `capture`...
+    pub transport: String,
+    pub resolved_from: Option<String>,
+    pub from_rewritten: bool,
+    pub took: Duration,
+}
+
+fn describe(target: &SmtpTarget, whose: &str) -> String {
+    format!(
+        "{whose} smtp://{}:{} ({})",
+        target.host, target.port, target.tls
+    )
 }
 
 impl Relay {
@@ -34,14 +55,26 @@ impl Relay {
 
     /// Relays one finished transaction and returns the client's reply: 250 only once the
     /// upstream (or the capture folder) has the message.
-    pub async fn relay(&self, mut tx: Transaction) -> Reply {
+    pub async fn relay(&self, tx: Transaction) -> Reply {
+        self.relay_with_outcome(tx).await.reply
+    }
+
+    pub async fn relay_with_outcome(&self, mut tx: Transaction) -> Outcome {
         let started = Instant::now();
         let size = tx.data.len();
-        let mut decision = match policy::decide(&self.config, &tx.data, tx.auth_project.as_deref())
-        {
+        let auth_project = tx.auth_project.clone();
+        let mut decision = match policy::decide(&self.config, &tx.data, auth_project.as_deref()) {
             Ok(d) => d,
             Err(reply) => {
+                let kind = if reply.enhanced.as_deref() == Some("4.3.5") {
+                    Kind::RefusedConfig
+                } else {
+                    Kind::Refused
+                };
+                let project = auth_project.as_deref().unwrap_or("-");
+                metrics::message(project, kind, size);
                 tracing::info!(
+                    project,
                     mail_from = %tx.mail_from,
                     recipients = tx.recipients.len(),
                     size,
@@ -49,68 +82,122 @@ impl Relay {
                     reply = %reply.text,
                     "message refused"
                 );
-                return reply;
+                return Outcome {
+                    reply,
+                    project: auth_project,
+                    transport: "none".into(),
+                    resolved_from: None,
+                    from_rewritten: false,
+                    took: started.elapsed(),
+                };
             }
         };
-        let (transport, upstream) = match &decision.transport {
-            Transport::Project { target, .. } => ("project smtp", Some(target.host.as_str())),
-            Transport::Server(Provider::Smtp(target)) => {
-                ("server smtp", Some(target.host.as_str()))
-            }
-            Transport::Server(Provider::Capture(_)) => ("capture", None),
+        let project = decision.project.unwrap_or("-");
+        let (transport, upstream) = match decision.transport {
+            Transport::Project { target, .. } => (describe(target, "project"), Some(target)),
+            Transport::Server(Provider::Smtp(target)) => (describe(target, "server"), Some(target)),
+            Transport::Server(Provider::Capture(_)) => ("capture".to_owned(), None),
         };
-        let reply = match decision.transport {
-            Transport::Project { target, .. } | Transport::Server(Provider::Smtp(target)) => self
-                .upstreams
-                .send(
-                    target,
-                    &decision.envelope_from,
-                    &tx.recipients,
-                    &decision.parts(&tx.data),
-                )
-                .await
-                .map_or_else(|r| r, |accepted| Reply::delivered(&accepted.text)),
-            Transport::Server(Provider::Capture(root)) => {
+        let capture_root = match (decision.capture, decision.transport) {
+            (Some(dir), _) => Some(dir),
+            (None, Transport::Server(Provider::Capture(root))) => Some(root.as_path()),
+            _ => None,
+        };
+        let (reply, upstream_host) = match (capture_root, upstream) {
+            (Some(root), _) => {
                 let dir = capture::project_dir(root, decision.project);
                 let envelope = capture::Envelope {
                     client_mail_from: tx.mail_from.clone(),
                     mail_from: decision.envelope_from.clone(),
                     recipients: tx.recipients.clone(),
                     project: decision.project.map(str::to_owned),
-                    transport: "capture".to_owned(),
+                    transport: transport.clone(),
                     original_from: decision.original_from.clone(),
                     resolved_from: decision.resolved_from.clone(),
                     from_rewritten: decision.from_rewritten,
                     ..capture::Envelope::default()
                 };
-                // The message itself moves to the blocking task; it is not copied.
                 let head = std::mem::take(&mut decision.head);
-                let body_offset = decision.body_offset;
                 let data = std::mem::take(&mut tx.data);
-                let written = tokio::task::spawn_blocking(move || {
-                    capture::write(&dir, envelope, &[&head, &data[body_offset..]])
-                })
-                .await;
-                match written {
-                    Ok(Ok(path)) => Reply::captured(&path.display().to_string()),
-                    Ok(Err(e)) => Reply::capture_failed(&e.to_string()),
-                    Err(e) => Reply::capture_failed(&e.to_string()),
-                }
+                (
+                    write_capture(dir, envelope, head, data, decision.body_offset).await,
+                    None,
+                )
             }
+            (None, Some(target)) => {
+                let sent = Instant::now();
+                let result = self
+                    .upstreams
+                    .send(
+                        target,
+                        &decision.envelope_from,
+                        &tx.recipients,
+                        &decision.parts(&tx.data),
+                    )
+                    .await;
+                metrics::upstream_latency(&target.host, sent.elapsed());
+                let reply = result.map_or_else(|r| r, |accepted| Reply::delivered(&accepted.text));
+                (reply, Some(target.host.as_str()))
+            }
+            (None, None) => unreachable!("a capture transport always has a folder"),
         };
+        let kind = match reply.code {
+            200..=399 => Kind::Delivered,
+            400..=499 => Kind::Deferred,
+            _ => Kind::Rejected,
+        };
+        metrics::message(project, kind, size);
+        if decision.from_rewritten && kind == Kind::Delivered {
+            metrics::from_rewritten(project);
+        }
+        let took = started.elapsed();
         tracing::info!(
-            project = decision.project.unwrap_or("-"),
-            transport,
-            upstream = upstream.unwrap_or("-"),
+            project,
+            transport = %transport,
+            upstream = upstream_host.unwrap_or("-"),
             mail_from = %decision.envelope_from,
             recipients = tx.recipients.len(),
             size,
             from_rewritten = decision.from_rewritten,
             code = reply.code,
             reply = %reply.text,
-            ms = started.elapsed().as_millis() as u64,
+            ms = took.as_millis() as u64,
             "message"
         );
-        reply
+        Outcome {
+            reply,
+            project: decision.project.map(str::to_owned),
+            transport: if capture_root.is_some() && decision.capture.is_some() {
+                format!("capture (instead of {transport})")
+            } else {
+                transport
+            },
+            resolved_from: Some(decision.resolved_from.clone()),
+            from_rewritten: decision.from_rewritten,
+            took,
+        }
     }
+}
+
+/// The message moves to a blocking task for the file writes; it is not copied.
+async fn write_capture(
+    dir: std::path::PathBuf,
+    envelope: capture::Envelope,
+    head: Vec<u8>,
+    data: Vec<u8>,
+    body_offset: usize,
+) -> Reply {
+    let written = tokio::task::spawn_blocking(move || {
+        capture::write(&dir, envelope, &[&head, &data[body_offset..]])
+    })
+    .await;
+    match written {
+        Ok(Ok(path)) => Reply::captured(&display(&path)),
+        Ok(Err(e)) => Reply::capture_failed(&e.to_string()),
+        Err(e) => Reply::capture_failed(&e.to_string()),
+    }
+}
+
+fn display(path: &Path) -> String {
+    path.display().to_string()
 }

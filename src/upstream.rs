@@ -68,7 +68,7 @@ impl fmt::Debug for Upstreams {
 
 #[derive(Default)]
 struct Pool {
-    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    idle: Mutex<Vec<(Conn, Instant)>>,
 }
 
 impl Upstreams {
@@ -125,14 +125,15 @@ impl Upstreams {
         let (mut conn, reused) = self.checkout(&pool, target).await?;
         let deadline = self.timeout + Duration::from_secs(size as u64 / BYTES_PER_SEC_FLOOR);
         let mut outcome =
-            tokio::time::timeout(deadline, transact(&mut conn, &from, &to, &chunks)).await;
+            tokio::time::timeout(deadline, transact(&mut conn.inner, &from, &to, &chunks)).await;
         if reused && matches!(outcome, Ok(Err(Failure::Stale(_)))) {
             // The upstream closed this pooled connection while it was idle. Nothing of the
             // message was sent, so a fresh connection may take it.
             tracing::debug!(upstream = %target.host, "pooled connection was closed; reconnecting");
             conn = self.connect_within_timeout(target).await?;
             outcome =
-                tokio::time::timeout(deadline, transact(&mut conn, &from, &to, &chunks)).await;
+                tokio::time::timeout(deadline, transact(&mut conn.inner, &from, &to, &chunks))
+                    .await;
         }
         let (result, keep) = match outcome {
             Ok(Ok(response)) => (
@@ -173,11 +174,7 @@ impl Upstreams {
     /// A pooled connection (`true`) or a new one. A pooled one is not probed with NOOP, which
     /// would cost a round trip per message: if the upstream closed it meanwhile, MAIL fails
     /// before anything is sent, and `send` retries on a new connection.
-    async fn checkout(
-        &self,
-        pool: &Pool,
-        target: &SmtpTarget,
-    ) -> Result<(AsyncSmtpConnection, bool), Reply> {
+    async fn checkout(&self, pool: &Pool, target: &SmtpTarget) -> Result<(Conn, bool), Reply> {
         loop {
             let candidate = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let Some((conn, since)) = candidate else {
@@ -190,10 +187,7 @@ impl Upstreams {
         Ok((self.connect_within_timeout(target).await?, false))
     }
 
-    async fn connect_within_timeout(
-        &self,
-        target: &SmtpTarget,
-    ) -> Result<AsyncSmtpConnection, Reply> {
+    async fn connect_within_timeout(&self, target: &SmtpTarget) -> Result<Conn, Reply> {
         match tokio::time::timeout(self.timeout, self.connect(target)).await {
             Ok(result) => result,
             Err(_) => Err(Reply::upstream_timeout(&format!(
@@ -206,7 +200,7 @@ impl Upstreams {
     }
 
     /// TCP (with TCP_NODELAY), then implicit TLS or STARTTLS, EHLO and AUTH.
-    pub async fn connect(&self, target: &SmtpTarget) -> Result<AsyncSmtpConnection, Reply> {
+    pub async fn connect(&self, target: &SmtpTarget) -> Result<Conn, Reply> {
         let tcp = TcpStream::connect((target.host.as_str(), target.port))
             .await
             .map_err(|e| {
@@ -243,7 +237,7 @@ impl Upstreams {
                 .await
                 .map_err(|e| Reply::upstream_auth(&format!("{}: {}", target.host, describe(&e))))?;
         }
-        Ok(conn)
+        Ok(Conn::new(conn, &target.host))
     }
 
     fn starttls_params(&self, host: &str) -> Result<TlsParameters, Reply> {
@@ -385,6 +379,33 @@ fn classify(e: &lettre::transport::smtp::Error, target: &SmtpTarget) -> Reply {
         Reply::upstream_protocol(&format!("{host}: {}", describe(e)))
     } else {
         Reply::upstream_unreachable(&format!("{host}: {}", describe(e)))
+    }
+}
+
+/// An open upstream connection, counted in the metrics while it lives.
+pub struct Conn {
+    inner: AsyncSmtpConnection,
+    upstream: String,
+}
+
+impl Conn {
+    fn new(inner: AsyncSmtpConnection, upstream: &str) -> Conn {
+        crate::metrics::upstream_connection_opened(upstream);
+        Conn {
+            inner,
+            upstream: upstream.to_owned(),
+        }
+    }
+
+    /// Ends the session politely (for probes; pooled connections are simply dropped).
+    pub async fn quit(mut self) {
+        let _ = self.inner.quit().await;
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        crate::metrics::upstream_connection_closed(&self.upstream);
     }
 }
 
