@@ -1,5 +1,6 @@
 //! The capture transport: instead of sending, writes each message as
-//! `<dir>/<project or _server>/<timestamp>-<id>.eml` with a JSON envelope beside it.
+//! `<dir>/<project or _server>/<timestamp>-<id>.eml` with a JSON envelope beside it; and
+//! reads them back for the admin inbox API.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -55,12 +56,8 @@ fn folder(project: Option<&str>) -> String {
     }
 }
 
-/// `20261124T231434.123456Z`: sorts in time order, like the file names.
-fn timestamp(now: SystemTime) -> String {
-    let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Howard Hinnant's civil-from-days.
+/// Days since 1970-01-01 to (year, month, day): Howard Hinnant's civil-from-days.
+fn civil(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -70,12 +67,40 @@ fn timestamp(now: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// `20261124T231434.123456Z`: sorts in time order, like the file names.
+fn timestamp(now: SystemTime) -> String {
+    let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let (year, month, day) = civil(days);
     format!(
         "{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{:06}Z",
         rem / 3600,
         rem / 60 % 60,
         rem % 60,
         d.subsec_micros()
+    )
+}
+
+/// An RFC 5322 `Date:` value in UTC, e.g. `Tue, 24 Nov 2026 23:14:34 +0000`.
+pub fn rfc5322_date(now: SystemTime) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let (year, month, day) = civil(days);
+    format!(
+        "{}, {day} {} {year} {:02}:{:02}:{:02} +0000",
+        DAYS[days.rem_euclid(7) as usize],
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
     )
 }
 
@@ -117,6 +142,119 @@ pub fn project_dir(root: &Path, project: Option<&str>) -> PathBuf {
     root.join(folder(project))
 }
 
+/// A message id as the inbox API takes it: a file stem we wrote, nothing that walks paths.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+}
+
+/// The stored envelopes under `roots`, oldest first.
+pub fn list(roots: &[PathBuf]) -> Vec<serde_json::Value> {
+    let mut found = Vec::new();
+    for root in roots {
+        let Ok(folders) = std::fs::read_dir(root) else {
+            continue;
+        };
+        for folder in folders.flatten() {
+            let Ok(files) = std::fs::read_dir(folder.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let path = file.path();
+                if path.extension().is_some_and(|e| e == "json")
+                    && path.with_extension("eml").exists()
+                    && let Ok(bytes) = std::fs::read(&path)
+                    && let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes)
+                {
+                    found.push(value);
+                }
+            }
+        }
+    }
+    found.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    found
+}
+
+/// The `.eml` and `.json` of one message.
+pub fn find(roots: &[PathBuf], id: &str) -> Option<(PathBuf, PathBuf)> {
+    if !valid_id(id) {
+        return None;
+    }
+    for root in roots {
+        for folder in std::fs::read_dir(root).ok()?.flatten() {
+            let eml = folder.path().join(format!("{id}.eml"));
+            let json = folder.path().join(format!("{id}.json"));
+            if eml.is_file() && json.is_file() {
+                return Some((eml, json));
+            }
+        }
+    }
+    None
+}
+
+/// Deletes every captured message under `roots`; returns how many.
+pub fn delete_all(roots: &[PathBuf]) -> usize {
+    let mut deleted = 0;
+    for root in roots {
+        let Ok(folders) = std::fs::read_dir(root) else {
+            continue;
+        };
+        for folder in folders.flatten() {
+            let Ok(files) = std::fs::read_dir(folder.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let path = file.path();
+                let ext = path.extension().and_then(|e| e.to_str());
+                if matches!(ext, Some("eml") | Some("json"))
+                    && std::fs::remove_file(&path).is_ok()
+                    && ext == Some("eml")
+                {
+                    deleted += 1;
+                }
+            }
+        }
+    }
+    deleted
+}
+
+/// The header fields of a message, unfolded, in order.
+pub fn headers(message: &[u8]) -> Vec<(String, String)> {
+    let text = String::from_utf8_lossy(message);
+    let head = text.split("\r\n\r\n").next().unwrap_or("");
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for line in head.split("\r\n") {
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = fields.last_mut() {
+                last.1.push_str(line);
+            }
+        } else if let Some((name, value)) = line.split_once(':') {
+            fields.push((name.trim().to_owned(), value.trim().to_owned()));
+        }
+    }
+    fields
+}
+
+/// A time as comparable digits: `2026-11-24T23:18:58Z`, `20261124T231858.825332Z` and the
+/// like become `YYYYMMDDhhmmssffffff`. Only UTC (`Z` or no zone) is understood.
+pub fn sortable_time(t: &str) -> Option<String> {
+    let t = t.trim();
+    if t.contains('+') || t[t.len().min(10)..].contains('-') {
+        return None;
+    }
+    let mut digits: String = t.chars().filter(char::is_ascii_digit).collect();
+    if digits.len() < 8 || digits.len() > 20 {
+        return None;
+    }
+    while digits.len() < 20 {
+        digits.push('0');
+    }
+    Some(digits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +267,43 @@ mod tests {
         assert_eq!(timestamp(t), "20261129T230114.123456Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert!(timestamp(leap).starts_with("20000229T"));
+    }
+
+    #[test]
+    fn times_compare_across_formats() {
+        let stored = sortable_time("20261124T231858.825332Z").unwrap();
+        assert!(sortable_time("2026-11-24T23:18:58Z").unwrap() < stored);
+        assert!(sortable_time("2026-11-24T23:18:59Z").unwrap() > stored);
+        assert!(sortable_time("2026-11-24").unwrap() < stored);
+        assert_eq!(sortable_time("2026-11-24T23:18:58+02:00"), None);
+        assert_eq!(sortable_time("yesterday"), None);
+    }
+
+    #[test]
+    fn rfc5322_dates() {
+        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 1 Jan 1970 00:00:00 +0000");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_993_274);
+        assert_eq!(rfc5322_date(t), "Sun, 29 Nov 2026 23:01:14 +0000");
+    }
+
+    #[test]
+    fn ids_cannot_walk_paths() {
+        assert!(valid_id("20261124T231858.825332Z-1d0a0000"));
+        assert!(!valid_id("../etc/passwd"));
+        assert!(!valid_id("a/b"));
+        assert!(!valid_id(""));
+    }
+
+    #[test]
+    fn header_fields_unfolded() {
+        let h = headers(b"From: a@x\r\nSubject: one\r\n two\r\n\r\nbody: no\r\n");
+        assert_eq!(
+            h,
+            [
+                ("From".into(), "a@x".into()),
+                ("Subject".into(), "one two".into())
+            ]
+        );
     }
 
     #[test]

@@ -104,11 +104,13 @@ pub async fn serve(
     };
     if implicit_tls {
         let tls = handshake(&shared, tcp, limits.handshake).await?;
+        crate::metrics::tls_session("implicit");
         ctx.drive(tls, &mut session, true).await?;
         return Ok(());
     }
     if let Next::StartTls(tcp) = ctx.drive(tcp, &mut session, true).await? {
         let tls = handshake(&shared, tcp, limits.handshake).await?;
+        crate::metrics::tls_session("starttls");
         session.tls_started();
         ctx.drive(tls, &mut session, false).await?;
     }

@@ -11,6 +11,7 @@
 //! configs.
 
 pub mod address;
+pub mod admin;
 pub mod capture;
 pub mod config;
 pub mod connection;

@@ -1,12 +1,13 @@
-//! The `project-relay` command: `serve` (the default) and `check`.
+//! The `project-relay` command: `serve` (the default), `check` and `send-test`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use project_relay::config::{Config, ProjectSmtp, Provider};
+use clap::{Parser, Subcommand, ValueEnum};
+use project_relay::config::{Config, LogFormat, ProjectSmtp, Provider};
+use project_relay::relay::Relay;
 use project_relay::{Listeners, Reloader, Server, tls};
 use tokio_util::sync::CancellationToken;
 
@@ -25,8 +26,17 @@ struct Cli {
         default_value = "relay.toml"
     )]
     config: PathBuf,
+    /// Log format; overrides `[log] format`.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<Format>,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -34,46 +44,83 @@ enum Command {
     /// Run the relay (the default).
     Serve,
     /// Load and validate the config; one line per project. Exit 0 only if all is well.
-    Check,
+    Check {
+        /// Also connect to each upstream: TCP, TLS and AUTH, no mail sent.
+        #[arg(long)]
+        connect: bool,
+    },
+    /// Send a short test message through the transport and From rules of a project.
+    SendTest {
+        /// The project, as its mail would name it in the project header.
+        #[arg(long)]
+        project: String,
+        /// The recipient.
+        #[arg(long)]
+        to: String,
+        /// A From address to ask for (kept only if approved, as for real mail).
+        #[arg(long)]
+        from: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => {
-            init_logging();
-            match serve(&cli.config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Serve => serve(&cli.config, cli.log_format),
+        Command::Check { connect } => check(&cli.config, connect),
+        Command::SendTest { project, to, from } => {
+            send_test(&cli.config, &project, &to, from.as_deref())
         }
-        Command::Check => check(&cli.config),
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none(),
-        )
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_ansi(
+                std::io::IsTerminal::is_terminal(&std::io::stderr())
+                    && std::env::var_os("NO_COLOR").is_none(),
+            )
+            .init(),
+    }
 }
 
-fn serve(path: &std::path::Path) -> anyhow::Result<()> {
-    let config = Arc::new(Config::load(path).context("invalid configuration")?);
-    warn_misconfigured(&config);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    runtime.block_on(async {
+        .build()
+}
+
+fn serve(path: &Path, format: Option<Format>) -> ExitCode {
+    let loaded = Config::load(path);
+    let format = match (format, &loaded) {
+        (Some(Format::Json), _) => LogFormat::Json,
+        (Some(Format::Text), _) => LogFormat::Text,
+        (None, Ok(config)) => config.log_format,
+        (None, Err(_)) => LogFormat::Text,
+    };
+    init_logging(format);
+    let result = loaded
+        .context("invalid configuration")
+        .and_then(|config| run(path, Arc::new(config)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &Path, config: Arc<Config>) -> anyhow::Result<()> {
+    warn_misconfigured(&config);
+    runtime()?.block_on(async {
         // Handlers first: a signal that came before them would kill the process.
         use tokio::signal::unix::{SignalKind, signal};
         let term = signal(SignalKind::terminate())?;
@@ -123,15 +170,21 @@ async fn stop_on_signal(mut term: tokio::signal::unix::Signal, shutdown: Cancell
     shutdown.cancel();
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
+fn load_or_report(path: &Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(c) => Some(c),
         Err(e) => {
             for line in e.to_string().lines() {
                 eprintln!("error: {line}");
             }
-            return ExitCode::from(2);
+            None
         }
+    }
+}
+
+fn check(path: &Path, connect: bool) -> ExitCode {
+    let Some(config) = load_or_report(path) else {
+        return ExitCode::from(2);
     };
     let mut ok = true;
     if let Some(files) = &config.listener.tls
@@ -140,20 +193,55 @@ fn check(path: &std::path::Path) -> ExitCode {
         println!("listener: error: {e}");
         ok = false;
     }
-    if let Err(e) = tls::client_config(config.upstream.ca_file.as_deref()) {
-        println!("upstream: error: {e}");
-        ok = false;
-    }
+    let relay = match Relay::new(Arc::new(config.clone())) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            println!("upstream: error: {e}");
+            ok = false;
+            None
+        }
+    };
+    let probes = match (&relay, connect) {
+        (Some(relay), true) => Some((runtime().expect("tokio runtime"), relay)),
+        _ => None,
+    };
+    let probe = |target| match &probes {
+        Some((rt, relay)) => match rt.block_on(relay.upstreams.probe(target)) {
+            Ok(what) => Ok(format!(": {what}")),
+            Err(reply) => Err(format!(": error: {reply}")),
+        },
+        None => Ok(String::new()),
+    };
     match &config.server.provider {
-        Some(Provider::Smtp(t)) => println!("server: smtp via {}:{} ({})", t.host, t.port, t.tls),
+        Some(Provider::Smtp(t)) => match probe(t) {
+            Ok(what) => println!("server: smtp via {}:{} ({}){what}", t.host, t.port, t.tls),
+            Err(why) => {
+                println!("server: smtp via {}:{} ({}){why}", t.host, t.port, t.tls);
+                ok = false;
+            }
+        },
         Some(Provider::Capture(dir)) => println!("server: capture to {}", dir.display()),
         None => println!("server: no provider; server mail is refused with 451 4.3.5"),
     }
     for (name, line) in config.check_report() {
+        let project = &config.projects[&name];
+        let line = match (line, &project.smtp) {
+            (Ok(text), ProjectSmtp::Active(r)) if config.server.allow_project_smtp => {
+                probe(&r.target)
+                    .map(|what| format!("{text}{what}"))
+                    .map_err(|why| format!("error: {}{why}", text.trim_start_matches("ok: ")))
+            }
+            (line, _) => line,
+        };
+        let capture = project
+            .capture_dir
+            .as_ref()
+            .map(|d| format!(" (captured to {})", d.display()))
+            .unwrap_or_default();
         match line {
-            Ok(text) => println!("{name}: {text}"),
+            Ok(text) => println!("{name}: {text}{capture}"),
             Err(text) => {
-                println!("{name}: {text}");
+                println!("{name}: {text}{capture}");
                 ok = false;
             }
         }
@@ -167,6 +255,51 @@ fn check(path: &std::path::Path) -> ExitCode {
         eprintln!("{misconfigured} project(s) misconfigured: their mail is refused with 451 4.3.5");
     }
     if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn send_test(path: &Path, project: &str, to: &str, from: Option<&str>) -> ExitCode {
+    let Some(config) = load_or_report(path) else {
+        return ExitCode::from(2);
+    };
+    if !config.projects.contains_key(project) {
+        eprintln!(
+            "error: no [projects.{project}] in {}; its mail would take the server transport",
+            path.display()
+        );
+        return ExitCode::from(2);
+    }
+    let relay = match Relay::new(Arc::new(config)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let outcome = match runtime() {
+        Ok(rt) => rt.block_on(relay.send_test(project, to, from)),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("project:   {project}");
+    println!("transport: {}", outcome.transport);
+    if let Some(from) = &outcome.resolved_from {
+        let note = if outcome.from_rewritten {
+            " (default From)"
+        } else {
+            ""
+        };
+        println!("from:      {from}{note}");
+    }
+    println!("to:        {to}");
+    println!("reply:     {}", outcome.reply);
+    println!("time:      {} ms", outcome.took.as_millis());
+    if outcome.reply.is_positive() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -179,6 +179,35 @@ impl Relay {
     }
 }
 
+impl Relay {
+    /// `send-test`: a short message for `project` to `to`, through exactly the transport and
+    /// From resolution its real mail gets.
+    pub async fn send_test(&self, project: &str, to: &str, from: Option<&str>) -> Outcome {
+        let hostname = &self.config.listener.hostname;
+        let now = std::time::SystemTime::now();
+        let id = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let mut message = format!("{}: {project}\r\n", self.config.listener.project_header);
+        if let Some(from) = from {
+            message.push_str(&format!("From: {from}\r\n"));
+        }
+        message.push_str(&format!(
+            "To: <{to}>\r\nSubject: project-relay test message for {project}\r\nDate: {}\r\nMessage-ID: <send-test.{id}@{hostname}>\r\n\r\nThis is a test message sent by `project-relay send-test` to check the\r\nProject SMTP settings of project {project}.\r\n",
+            capture::rfc5322_date(now)
+        ));
+        let tx = Transaction {
+            mail_from: format!("send-test@{hostname}"),
+            recipients: vec![to.to_owned()],
+            data: message.into_bytes(),
+            smtputf8: !to.is_ascii(),
+            auth_project: None,
+        };
+        self.relay_with_outcome(tx).await
+    }
+}
+
 /// The message moves to a blocking task for the file writes; it is not copied.
 async fn write_capture(
     dir: std::path::PathBuf,

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,7 @@ use crate::tls;
 pub struct Listeners {
     pub smtp: Option<TcpListener>,
     pub smtps: Option<TcpListener>,
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -42,7 +44,12 @@ impl Listeners {
         Ok(Listeners {
             smtp: bind(config.listener.smtp.clone()).await?,
             smtps: bind(config.listener.smtps.clone()).await?,
+            admin: bind(config.admin_listen.clone()).await?,
         })
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn smtp_addr(&self) -> Option<SocketAddr> {
@@ -88,6 +95,8 @@ pub struct Shared {
     /// Failed AUTH attempts per address, with the time of the last one.
     auth_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Listeners serving and no stop asked for: what `/readyz` reports.
+    ready: AtomicBool,
 }
 
 /// Failures older than this are forgotten.
@@ -96,6 +105,10 @@ const AUTH_FAILURE_MEMORY: Duration = Duration::from_secs(600);
 const AUTH_FAILURE_TABLE: usize = 10_000;
 
 impl Shared {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
     pub fn current(&self) -> Arc<State> {
         self.current
             .read()
@@ -174,6 +187,7 @@ impl Server {
                 tls,
                 auth_failures: Mutex::default(),
                 per_ip: Mutex::default(),
+                ready: AtomicBool::new(false),
             }),
             listeners,
         })
@@ -207,8 +221,20 @@ impl Server {
             };
             loops.push(tokio::spawn(accept.run().instrument(span)));
         }
+        let admin = match self.listeners.admin {
+            Some(listener) => {
+                let addr = listener.local_addr()?;
+                let span = tracing::info_span!("listener", kind = "admin");
+                span.in_scope(|| tracing::info!("listening on {addr}"));
+                let serve = crate::admin::serve(listener, self.shared.clone(), shutdown.clone());
+                Some(tokio::spawn(serve.instrument(span)))
+            }
+            None => None,
+        };
         drop(state);
+        self.shared.ready.store(true, Ordering::Relaxed);
         shutdown.cancelled().await;
+        self.shared.ready.store(false, Ordering::Relaxed);
         for l in loops {
             let _ = l.await;
         }
@@ -216,6 +242,9 @@ impl Server {
         let grace = self.shared.current().config.listener.shutdown_grace;
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!("grace period over; closing {} sessions", tracker.len());
+        }
+        if let Some(admin) = admin {
+            let _ = admin.await;
         }
         tracing::info!("stopped");
         Ok(())
@@ -285,10 +314,12 @@ impl Accept {
             self.tracker.spawn(
                 async move {
                     tracing::debug!("connected");
+                    crate::metrics::session_opened();
                     match connection::serve(tcp, peer, implicit_tls, shared, shutdown).await {
                         Ok(()) => tracing::debug!("closed"),
                         Err(e) => tracing::info!("connection ended: {e}"),
                     }
+                    crate::metrics::session_closed();
                     drop(permit);
                 }
                 .instrument(span),

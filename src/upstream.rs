@@ -199,6 +199,24 @@ impl Upstreams {
         }
     }
 
+    /// Connects, negotiates TLS and authenticates, then QUITs: no mail is sent. Says what
+    /// was checked.
+    pub async fn probe(&self, target: &SmtpTarget) -> Result<String, Reply> {
+        let conn = self.connect_within_timeout(target).await?;
+        let tls = if conn.inner.is_encrypted() {
+            "TLS"
+        } else {
+            "no TLS (the upstream offered no STARTTLS)"
+        };
+        let auth = if target.credentials.is_some() {
+            ", authenticated"
+        } else {
+            ""
+        };
+        let _ = tokio::time::timeout(self.timeout, conn.quit()).await;
+        Ok(format!("connected, {tls}{auth}"))
+    }
+
     /// TCP (with TCP_NODELAY), then implicit TLS or STARTTLS, EHLO and AUTH.
     pub async fn connect(&self, target: &SmtpTarget) -> Result<Conn, Reply> {
         let tcp = TcpStream::connect((target.host.as_str(), target.port))
