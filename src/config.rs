@@ -1303,6 +1303,73 @@ appName = "Acme Health"
     }
 
     #[test]
+    fn environment_and_file_secrets() {
+        let dir = std::env::temp_dir().join(format!("relay-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pw"), "file-secret\r\n").unwrap();
+        // SAFETY of the environment: this variable is used by this test only.
+        unsafe { std::env::set_var("RELAY_CFG_TEST_USER", "env-user") };
+        let text = "[server.smtp]\nhost = \"h\"\nport = 25\nusername = \"${RELAY_CFG_TEST_USER}\"\npassword_file = \"pw\"\n[projects.a]\nsmtpHost = \"h\"\nsmtpPort = 25\nsmtpUsername = \"${RELAY_CFG_TEST_USER}\"\nsmtpPasswordFile = \"pw\"\nsmtpFromAddress = \"a@a.example\"\nrelayUsername = \"r\"\nrelayPasswordFile = \"pw\"\n";
+        let c = Config::from_toml_str(text, &dir).unwrap();
+        let Some(Provider::Smtp(t)) = &c.server.provider else {
+            panic!()
+        };
+        let (user, pw) = t.credentials.as_ref().unwrap();
+        assert_eq!((user.as_str(), pw.expose()), ("env-user", "file-secret"));
+        let ProjectSmtp::Active(r) = &c.projects["a"].smtp else {
+            panic!()
+        };
+        assert_eq!(
+            r.target.credentials.as_ref().unwrap().1.expose(),
+            "file-secret"
+        );
+        assert_eq!(c.users.verify("r", b"file-secret"), Some("a"));
+
+        let bad = |t: &str| Config::from_toml_str(t, &dir).unwrap_err().to_string();
+        let msg = bad("[projects.a]\nsmtpPassword = \"x\"\nsmtpPasswordFile = \"pw\"\n");
+        assert!(
+            msg.contains("projects.a.smtpPasswordFile: set either"),
+            "{msg}"
+        );
+        let msg = bad("[projects.a]\nsmtpPasswordFile = \"nope\"\n");
+        assert!(
+            msg.contains("projects.a.smtpPasswordFile: cannot read nope"),
+            "{msg}"
+        );
+        let msg = bad("[server]\nsupportEmail = \"${RELAY_CFG_TEST_MISSING}\"\n");
+        assert!(
+            msg.contains(
+                "server.supportEmail: environment variable RELAY_CFG_TEST_MISSING is not set"
+            ),
+            "{msg}"
+        );
+        // Not the whole value: left as written.
+        let c = Config::from_toml_str("[listener]\nhostname = \"x${HOME}\"\n", &dir).unwrap();
+        assert_eq!(c.listener.hostname, "x${HOME}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn admin_log_and_capture_dir() {
+        let c = parse("[admin]\nlisten = \"127.0.0.1:9090\"\n[log]\nformat = \"json\"\n[projects.s]\ncaptureDir = \"staging\"\n").unwrap();
+        assert_eq!(c.admin_listen.as_deref(), Some("127.0.0.1:9090"));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(
+            c.projects["s"].capture_dir.as_deref(),
+            Some(Path::new("/etc/relay/staging"))
+        );
+        assert!(problems("[log]\nformat = \"xml\"\n").contains("xml"));
+        assert!(problems("[projects.s]\ncaptureDir = 5\n").contains("captureDir"));
+        assert!(problems("[admin]\nport = 1\n").contains("port"));
+    }
+
+    #[test]
+    fn app_name_with_control_characters_is_a_bad_entry() {
+        let p = project(&format!("{GOOD}appName = \"Evil\\r\\nBcc: x@y\"\n"));
+        assert_eq!(p.smtp.bad_entries(), ["appName"]);
+    }
+
+    #[test]
     fn structural_problems_are_all_reported() {
         let msg = problems(
             "[listener]\nsmtps = \"127.0.0.1:1\"\nhostname = \"a b\"\n[server]\nsupportEmail = \"x\"\n[server.smtp]\nhost = \"h\"\nport = 25\n[server.capture]\ndir = \"o\"\n",

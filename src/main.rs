@@ -61,6 +61,9 @@ enum Command {
         #[arg(long)]
         from: Option<String>,
     },
+    /// For container health checks: exit 0 if the running relay answers (`/healthz` on the
+    /// admin listener, else the SMTP greeting).
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::SendTest { project, to, from } => {
             send_test(&cli.config, &project, &to, from.as_deref())
         }
+        Command::Healthcheck => healthcheck(&cli.config),
     }
 }
 
@@ -258,6 +262,61 @@ fn check(path: &Path, connect: bool) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Needs no HTTP client in the image: one request, written by hand, to our own listener.
+fn healthcheck(path: &Path) -> ExitCode {
+    use std::io::{Read, Write};
+    let Some(config) = load_or_report(path) else {
+        return ExitCode::from(2);
+    };
+    let (addr, request, expect) = match (&config.admin_listen, &config.listener.smtp) {
+        (Some(admin), _) => (
+            admin.clone(),
+            &b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"[..],
+            "HTTP/1.1 200",
+        ),
+        (None, Some(smtp)) => (smtp.clone(), &b"QUIT\r\n"[..], "220 "),
+        (None, None) => {
+            eprintln!("unhealthy: no admin or plain SMTP listener to ask");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A wildcard listen address is reached on loopback.
+    let addr = addr
+        .replace("0.0.0.0:", "127.0.0.1:")
+        .replace("[::]:", "[::1]:");
+    let answer = (|| -> std::io::Result<String> {
+        use std::net::ToSocketAddrs;
+        let target = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address"))?;
+        let limit = std::time::Duration::from_secs(5);
+        let mut sock = std::net::TcpStream::connect_timeout(&target, limit)?;
+        sock.set_read_timeout(Some(limit))?;
+        sock.write_all(request)?;
+        let mut buf = [0u8; 64];
+        let n = sock.read(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })();
+    match answer {
+        Ok(a) if a.starts_with(expect) => {
+            println!("healthy: {addr}");
+            ExitCode::SUCCESS
+        }
+        Ok(a) => {
+            eprintln!(
+                "unhealthy: {addr} answered {:?}",
+                a.lines().next().unwrap_or("")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {addr}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

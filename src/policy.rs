@@ -246,6 +246,28 @@ pub fn decide<'c>(
     })
 }
 
+/// The known project a message names (or the client authenticated for), for labelling a
+/// refusal: `decide` stops at the first problem and does not say.
+pub fn project_named<'c>(
+    config: &'c Config,
+    data: &[u8],
+    auth_project: Option<&str>,
+) -> Option<&'c str> {
+    let id = match auth_project {
+        Some(auth) => auth.to_owned(),
+        None => {
+            let fields = header_fields(data).ok()?;
+            let header = &config.listener.project_header;
+            let field = fields.iter().find(|f| f.is(data, header))?;
+            unfold(field.value(data))
+        }
+    };
+    config
+        .projects
+        .get_key_value(id.as_str())
+        .map(|(name, _)| name.as_str())
+}
+
 type Route<'c> = (
     Transport<'c>,
     Option<&'c Mailbox>,

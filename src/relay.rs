@@ -71,7 +71,9 @@ impl Relay {
                 } else {
                     Kind::Refused
                 };
-                let project = auth_project.as_deref().unwrap_or("-");
+                let project =
+                    policy::project_named(&self.config, &tx.data, auth_project.as_deref())
+                        .unwrap_or("-");
                 metrics::message(project, kind, size);
                 tracing::info!(
                     project,

@@ -29,6 +29,7 @@ pub fn repo() -> PathBuf {
 pub struct Relay {
     pub smtp: SocketAddr,
     pub smtps: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub dir: tempfile::TempDir,
@@ -56,6 +57,7 @@ impl Relay {
         let listeners = Listeners::bind(&config).await.unwrap();
         let smtp = listeners.smtp_addr().expect("smtp listener");
         let smtps = listeners.smtps_addr();
+        let admin = listeners.admin_addr();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(project_relay::run(
             Arc::new(config),
@@ -65,6 +67,7 @@ impl Relay {
         Relay {
             smtp,
             smtps,
+            admin,
             shutdown,
             task,
             dir,

@@ -1,0 +1,524 @@
+//! Running it: the admin listener (metrics, health, the capture inbox API), per-project
+//! capture, `send-test`, `check --connect`, secrets from the environment and files, JSON logs.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::{Relay, Script, Upstream};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_project-relay"));
+    c.current_dir(common::repo());
+    c.env_remove("PROJECT_RELAY_CONFIG");
+    c.env("NO_COLOR", "1");
+    c
+}
+
+/// A blocking HTTP GET/DELETE with a real client, off the async runtime.
+async fn http(method: &'static str, url: String) -> (u16, String) {
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut resp = match method {
+            "DELETE" => agent.delete(&url).call(),
+            _ => agent.get(&url).call(),
+        }
+        .expect("HTTP request");
+        let status = resp.status().as_u16();
+        (status, resp.body_mut().read_to_string().unwrap_or_default())
+    })
+    .await
+    .unwrap()
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+async fn with_admin(extra: &str) -> (Relay, String) {
+    let relay = Relay::start(&format!(
+        "[listener]\nsmtp = \"127.0.0.1:0\"\nhostname = \"relay.test\"\ncertificate = \"certs/localhost.crt\"\nprivate_key = \"certs/localhost.key\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[server]\nsupportEmail = \"Example <noreply@example.com>\"\n[server.capture]\ndir = \"{{dir}}/outbox\"\n{extra}"
+    ))
+    .await;
+    let base = format!("http://{}", relay.admin.expect("admin listener"));
+    (relay, base)
+}
+
+#[tokio::test]
+async fn health_and_metrics() {
+    let up = Upstream::start(Script::default()).await;
+    let (relay, base) = with_admin(&format!(
+        "[projects.metrics-a]\nsmtpHost = \"127.0.0.1\"\nsmtpPort = {}\nsmtpUsername = \"u\"\nsmtpPassword = \"p\"\nsmtpFromAddress = \"noreply@a.example\"\n[projects.metrics-b]\nappName = \"B\"\n[projects.metrics-broken]\nsmtpHost = \"x\"\n",
+        up.port()
+    ))
+    .await;
+    // The test upstream offers no AUTH, so metrics-a's messages are deferred (4.7.0) ...
+    assert_eq!(
+        http("GET", format!("{base}/healthz")).await,
+        (200, "ok\n".into())
+    );
+    assert_eq!(http("GET", format!("{base}/readyz")).await.0, 200);
+    let mut c = relay.client().await;
+    c.cmd("EHLO me", 250).await;
+    for (project, code) in [
+        ("metrics-a", "451"),
+        ("metrics-b", "250"),
+        ("metrics-b", "250"),
+        ("metrics-broken", "451"),
+    ] {
+        let msg = format!("X-Project-Id: {project}\r\nFrom: x@else.example\r\n\r\nhi\r\n");
+        let reply = c
+            .mail("a@app.example", &["x@dest.example"], msg.as_bytes())
+            .await;
+        assert!(reply.starts_with(code), "{project}: {reply}");
+    }
+    let (status, text) = http("GET", format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    for needle in [
+        r#"relay_messages_total{project="metrics-b",outcome="delivered"} 2"#,
+        r#"relay_messages_total{project="metrics-a",outcome="deferred"} 1"#,
+        r#"relay_messages_total{project="metrics-broken",outcome="refused-config"} 1"#,
+        r#"relay_from_rewrites_total{project="metrics-b"} 2"#,
+        r#"relay_upstream_send_seconds_bucket{upstream="127.0.0.1""#,
+        "relay_sessions_active",
+        r#"relay_bytes_relayed_total{project="metrics-b"}"#,
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn capture_inbox_api() {
+    let (relay, base) =
+        with_admin("[projects.inbox-a]\nappName = \"A\"\n[projects.inbox-b]\n").await;
+    let mut c = relay.client().await;
+    c.cmd("EHLO me", 250).await;
+    let before = "2000-01-01T00:00:00Z";
+    for (project, to) in [
+        ("inbox-a", "one@dest.example"),
+        ("inbox-b", "two@dest.example"),
+        ("inbox-a", "three@dest.example"),
+    ] {
+        let msg = format!("X-Project-Id: {project}\r\nSubject: for {to}\r\n\r\nhello {to}\r\n");
+        assert!(
+            c.mail("a@app.example", &[to], msg.as_bytes())
+                .await
+                .starts_with("250")
+        );
+    }
+    assert!(
+        c.mail(
+            "a@app.example",
+            &["four@dest.example"],
+            b"Subject: server\r\n\r\nhi\r\n"
+        )
+        .await
+        .starts_with("250")
+    );
+
+    let (status, body) = http("GET", format!("{base}/api/messages")).await;
+    assert_eq!(status, 200);
+    let all = json(&body)["messages"].as_array().unwrap().clone();
+    assert_eq!(all.len(), 4);
+    let (_, body) = http("GET", format!("{base}/api/messages?project=inbox-a")).await;
+    let a = json(&body)["messages"].as_array().unwrap().clone();
+    assert_eq!(a.len(), 2);
+    assert_eq!(a[0]["recipients"][0], "one@dest.example");
+    let (_, body) = http("GET", format!("{base}/api/messages?to=TWO@dest.example")).await;
+    assert_eq!(json(&body)["messages"][0]["project"], "inbox-b");
+    let (_, body) = http("GET", format!("{base}/api/messages?project=_server")).await;
+    assert_eq!(
+        json(&body)["messages"][0]["recipients"][0],
+        "four@dest.example"
+    );
+    let (_, body) = http("GET", format!("{base}/api/messages?since={before}")).await;
+    assert_eq!(json(&body)["messages"].as_array().unwrap().len(), 4);
+    let (_, body) = http(
+        "GET",
+        format!("{base}/api/messages?since=2999-01-01T00:00:00Z"),
+    )
+    .await;
+    assert_eq!(json(&body)["messages"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        http("GET", format!("{base}/api/messages?since=soon"))
+            .await
+            .0,
+        400
+    );
+
+    let id = a[1]["id"].as_str().unwrap().to_string();
+    let (status, body) = http("GET", format!("{base}/api/messages/{id}")).await;
+    assert_eq!(status, 200);
+    let one = json(&body);
+    assert_eq!(one["recipients"][0], "three@dest.example");
+    // inbox-a has no project SMTP: the server's From rules (appName is for project SMTP).
+    assert_eq!(one["resolved_from"], "Example <noreply@example.com>");
+    let headers = one["headers"].as_array().unwrap();
+    assert!(
+        headers.contains(&serde_json::json!(["Subject", "for three@dest.example"])),
+        "{headers:?}"
+    );
+    let (status, raw) = http("GET", format!("{base}/api/messages/{id}/raw")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        raw,
+        "From: Example <noreply@example.com>\r\nSubject: for three@dest.example\r\n\r\nhello three@dest.example\r\n"
+    );
+
+    assert_eq!(
+        http("GET", format!("{base}/api/messages/nope")).await.0,
+        404
+    );
+    assert_eq!(
+        http("GET", format!("{base}/api/messages/..%2F..%2Fetc%2Fpasswd"))
+            .await
+            .0,
+        404
+    );
+    let (status, body) = http("DELETE", format!("{base}/api/messages")).await;
+    assert_eq!((status, json(&body)["deleted"].as_u64()), (200, Some(4)));
+    let (_, body) = http("GET", format!("{base}/api/messages")).await;
+    assert_eq!(json(&body)["messages"].as_array().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn a_project_can_be_captured_while_others_go_out() {
+    let up = Upstream::start(Script {
+        auth: vec![("u".into(), "p".into())],
+        ..Script::default()
+    })
+    .await;
+    let project = |name: &str, extra: &str| {
+        format!(
+            "[projects.{name}]\nsmtpHost = \"127.0.0.1\"\nsmtpPort = {}\nsmtpUsername = \"u\"\nsmtpPassword = \"p\"\nsmtpFromAddress = \"noreply@{name}.example\"\n{extra}\n",
+            up.port()
+        )
+    };
+    let (relay, base) = with_admin(&format!(
+        "{}{}",
+        project("staging", "captureDir = \"{dir}/staging-outbox\""),
+        project("live", "")
+    ))
+    .await;
+    let mut c = relay.client().await;
+    c.cmd("EHLO me", 250).await;
+    let r = c
+        .mail(
+            "a@app.example",
+            &["x@dest.example"],
+            b"X-Project-Id: staging\r\n\r\nhi\r\n",
+        )
+        .await;
+    assert!(r.starts_with("250 2.0.0 Ok: captured as"), "{r}");
+    let r = c
+        .mail(
+            "a@app.example",
+            &["x@dest.example"],
+            b"X-Project-Id: live\r\n\r\nhi\r\n",
+        )
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    assert_eq!(up.received().len(), 1);
+    assert_eq!(up.received()[0].mail_from, "noreply@live.example");
+    let (_, body) = http("GET", format!("{base}/api/messages?project=staging")).await;
+    let m = &json(&body)["messages"][0];
+    assert_eq!(m["mail_from"], "noreply@staging.example");
+    assert!(
+        m["transport"]
+            .as_str()
+            .unwrap()
+            .contains("smtp://127.0.0.1:"),
+        "{m}"
+    );
+    assert!(relay.dir().join("staging-outbox/staging").is_dir());
+}
+
+fn write_config(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn run(mut cmd: Command) -> (i32, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn send_test_uses_the_projects_transport_and_from_rules() {
+    let up = Upstream::start(Script {
+        auth: vec![("u".into(), "pw-S3cret".into())],
+        ..Script::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &format!(
+            "[projects.acme]\nsmtpHost = \"127.0.0.1\"\nsmtpPort = {port}\nsmtpUsername = \"u\"\nsmtpPassword = \"pw-S3cret\"\nsmtpFromAddress = \"Acme <noreply@acme.example>\"\nsmtpApprovedSenders = \"alice@acme.example\"\n[projects.broken]\nsmtpHost = \"127.0.0.1\"\nsmtpPort = {port}\n",
+            port = up.port()
+        ),
+    );
+    let mut cmd = bin();
+    cmd.args([
+        "send-test",
+        "--project",
+        "acme",
+        "--to",
+        "someone@dest.example",
+        "--from",
+        "alice@acme.example",
+        "--config",
+    ])
+    .arg(&path);
+    let (code, out) = run(cmd).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("transport: project smtp://127.0.0.1:"),
+        "{out}"
+    );
+    assert!(out.contains("from:      alice@acme.example"), "{out}");
+    assert!(out.contains("reply:     250 2.0.0"), "{out}");
+    assert!(out.contains("time:"), "{out}");
+    assert!(!out.contains("pw-S3cret"));
+    let got = up.received();
+    assert_eq!(got[0].mail_from, "alice@acme.example");
+    assert_eq!(got[0].rcpts, ["someone@dest.example"]);
+    let text = String::from_utf8_lossy(&got[0].data);
+    assert!(
+        text.contains("Subject: project-relay test message for acme")
+            && !text.contains("X-Project-Id"),
+        "{text}"
+    );
+
+    // An unapproved --from gets the default, as real mail would.
+    let mut cmd = bin();
+    cmd.args([
+        "send-test",
+        "--project",
+        "acme",
+        "--to",
+        "someone@dest.example",
+        "--from",
+        "mallory@acme.example",
+        "--config",
+    ])
+    .arg(&path);
+    let (code, out) = run(cmd).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("from:      Acme <noreply@acme.example> (default From)"),
+        "{out}"
+    );
+
+    let mut cmd = bin();
+    cmd.args([
+        "send-test",
+        "--project",
+        "broken",
+        "--to",
+        "someone@dest.example",
+        "--config",
+    ])
+    .arg(&path);
+    let (code, out) = run(cmd).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("reply:     451 4.3.5 Project SMTP configuration is incomplete or invalid"),
+        "{out}"
+    );
+
+    up.script(|s| s.data_end = Some("550 5.7.1 not today".into()));
+    let mut cmd = bin();
+    cmd.args([
+        "send-test",
+        "--project",
+        "acme",
+        "--to",
+        "someone@dest.example",
+        "--config",
+    ])
+    .arg(&path);
+    let (code, out) = run(cmd).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("reply:     550 5.7.1 Upstream refused: not today"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn check_connect_probes_every_upstream() {
+    let up = Upstream::start(Script {
+        auth: vec![("u".into(), "right-pw".into())],
+        ..Script::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let project = |name: &str, pw: &str| {
+        format!(
+            "[projects.{name}]\nsmtpHost = \"127.0.0.1\"\nsmtpPort = {}\nsmtpUsername = \"u\"\nsmtpPassword = \"{pw}\"\nsmtpFromAddress = \"noreply@{name}.example\"\n",
+            up.port()
+        )
+    };
+    let server = format!(
+        "[server.smtp]\nhost = \"127.0.0.1\"\nport = {}\nusername = \"u\"\npassword = \"right-pw\"\n",
+        up.port()
+    );
+    let path = write_config(
+        dir.path(),
+        &format!(
+            "{server}{}{}",
+            project("good", "right-pw"),
+            project("other", "right-pw")
+        ),
+    );
+    let mut cmd = bin();
+    cmd.args(["check", "--connect", "--config"]).arg(&path);
+    let (code, out) = run(cmd).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("good: ok: smtp via 127.0.0.1:") && out.contains("connected"),
+        "{out}"
+    );
+    assert!(out.contains("authenticated"), "{out}");
+    assert!(out.contains("server: smtp via 127.0.0.1:"), "{out}");
+    assert!(up.received().is_empty(), "no mail is sent");
+    assert!(up.commands().iter().any(|c| c == "QUIT"));
+
+    let path = write_config(
+        dir.path(),
+        &format!(
+            "{}{}",
+            project("good", "right-pw"),
+            project("bad", "wrong-pw")
+        ),
+    );
+    let mut cmd = bin();
+    cmd.args(["check", "--connect", "--config"]).arg(&path);
+    let (code, out) = run(cmd).await;
+    assert_eq!(code, 1, "{out}");
+    let bad = out.lines().find(|l| l.starts_with("bad:")).unwrap();
+    assert!(bad.contains("error") && bad.contains("4.7.0"), "{bad}");
+    assert!(
+        !out.contains("wrong-pw") && !out.contains("right-pw"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn secrets_from_the_environment_and_from_files() {
+    let up = Upstream::start(Script {
+        auth: vec![("env-user".into(), "from-a-file".into())],
+        ..Script::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("acme_smtp"), "from-a-file\n").unwrap();
+    let path = write_config(
+        dir.path(),
+        &format!(
+            "[projects.acme]\nsmtpHost = \"${{RELAY_TEST_HOST}}\"\nsmtpPort = {}\nsmtpUsername = \"${{RELAY_TEST_USER}}\"\nsmtpPasswordFile = \"acme_smtp\"\nsmtpFromAddress = \"noreply@acme.example\"\n",
+            up.port()
+        ),
+    );
+    let mut cmd = bin();
+    cmd.args([
+        "send-test",
+        "--project",
+        "acme",
+        "--to",
+        "x@dest.example",
+        "--config",
+    ])
+    .arg(&path);
+    cmd.env("RELAY_TEST_HOST", "127.0.0.1")
+        .env("RELAY_TEST_USER", "env-user");
+    let (code, out) = run(cmd).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(up.received()[0].auth_user.as_deref(), Some("env-user"));
+
+    // A missing variable is a config error naming it.
+    let mut cmd = bin();
+    cmd.args(["check", "--config"]).arg(&path);
+    cmd.env("RELAY_TEST_HOST", "127.0.0.1")
+        .env_remove("RELAY_TEST_USER");
+    let (code, out) = run(cmd).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("projects.acme.smtpUsername: environment variable RELAY_TEST_USER is not set"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn json_logs_one_event_per_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        "[listener]\nsmtp = \"127.0.0.1:0\"\n[server]\nsupportEmail = \"noreply@example.com\"\n[server.capture]\ndir = \"outbox\"\n[projects.acme]\n",
+    );
+    let mut child = bin()
+        .arg("--log-format")
+        .arg("json")
+        .arg("--config")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("relay exited").unwrap();
+        let event = json(&line);
+        if let Some(rest) = event["fields"]["message"]
+            .as_str()
+            .and_then(|m| m.strip_prefix("listening on "))
+        {
+            break rest.parse::<std::net::SocketAddr>().unwrap();
+        }
+    };
+    let mut c = common::Client::connect(addr).await;
+    c.expect(220).await;
+    assert!(
+        c.send_mail(
+            "a@app.example",
+            &["x@dest.example", "y@dest.example"],
+            b"X-Project-Id: acme\r\n\r\nhi\r\n"
+        )
+        .await
+        .starts_with("250")
+    );
+    let event = loop {
+        let line = lines.next().expect("relay exited").unwrap();
+        let event = json(&line);
+        if event["fields"]["message"] == "message" {
+            break event;
+        }
+    };
+    let f = &event["fields"];
+    assert_eq!(f["project"], "acme");
+    assert_eq!(f["transport"], "capture");
+    assert_eq!(f["mail_from"], "noreply@example.com");
+    assert_eq!(f["recipients"], 2);
+    assert_eq!(f["code"], 250);
+    assert_eq!(f["from_rewritten"], true);
+    assert!(f["size"].as_u64().unwrap() > 0 && f["ms"].is_u64());
+    Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+}
