@@ -151,29 +151,26 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
 }
 
+/// Every file in the project folders under `roots`.
+fn stored_files(roots: &[PathBuf]) -> Vec<PathBuf> {
+    roots
+        .iter()
+        .filter_map(|root| std::fs::read_dir(root).ok())
+        .flat_map(|folders| folders.flatten())
+        .filter_map(|folder| std::fs::read_dir(folder.path()).ok())
+        .flat_map(|files| files.flatten().map(|f| f.path()))
+        .collect()
+}
+
 /// The stored envelopes under `roots`, oldest first.
 pub fn list(roots: &[PathBuf]) -> Vec<serde_json::Value> {
-    let mut found = Vec::new();
-    for root in roots {
-        let Ok(folders) = std::fs::read_dir(root) else {
-            continue;
-        };
-        for folder in folders.flatten() {
-            let Ok(files) = std::fs::read_dir(folder.path()) else {
-                continue;
-            };
-            for file in files.flatten() {
-                let path = file.path();
-                if path.extension().is_some_and(|e| e == "json")
-                    && path.with_extension("eml").exists()
-                    && let Ok(bytes) = std::fs::read(&path)
-                    && let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes)
-                {
-                    found.push(value);
-                }
-            }
-        }
-    }
+    let mut found: Vec<serde_json::Value> = stored_files(roots)
+        .into_iter()
+        .filter(|path| {
+            path.extension().is_some_and(|e| e == "json") && path.with_extension("eml").exists()
+        })
+        .filter_map(|path| serde_json::from_slice(&std::fs::read(path).ok()?).ok())
+        .collect();
     found.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     found
 }
@@ -197,28 +194,15 @@ pub fn find(roots: &[PathBuf], id: &str) -> Option<(PathBuf, PathBuf)> {
 
 /// Deletes every captured message under `roots`; returns how many.
 pub fn delete_all(roots: &[PathBuf]) -> usize {
-    let mut deleted = 0;
-    for root in roots {
-        let Ok(folders) = std::fs::read_dir(root) else {
-            continue;
-        };
-        for folder in folders.flatten() {
-            let Ok(files) = std::fs::read_dir(folder.path()) else {
-                continue;
-            };
-            for file in files.flatten() {
-                let path = file.path();
-                let ext = path.extension().and_then(|e| e.to_str());
-                if matches!(ext, Some("eml") | Some("json"))
-                    && std::fs::remove_file(&path).is_ok()
-                    && ext == Some("eml")
-                {
-                    deleted += 1;
-                }
-            }
-        }
-    }
-    deleted
+    stored_files(roots)
+        .into_iter()
+        .filter(|path| {
+            let ext = path.extension().and_then(|e| e.to_str());
+            matches!(ext, Some("eml" | "json"))
+                && std::fs::remove_file(path).is_ok()
+                && ext == Some("eml")
+        })
+        .count()
 }
 
 /// The header fields of a message, unfolded, in order.

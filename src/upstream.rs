@@ -175,16 +175,17 @@ impl Upstreams {
     /// would cost a round trip per message: if the upstream closed it meanwhile, MAIL fails
     /// before anything is sent, and `send` retries on a new connection.
     async fn checkout(&self, pool: &Pool, target: &SmtpTarget) -> Result<(Conn, bool), Reply> {
-        loop {
-            let candidate = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let Some((conn, since)) = candidate else {
-                break;
-            };
-            if since.elapsed() <= MAX_IDLE_AGE {
-                return Ok((conn, true));
-            }
+        let candidate = {
+            let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+            // The pool is a stack, so under steady load its oldest entries are never popped:
+            // drop the ones too old to trust here (closing their sockets).
+            idle.retain(|(_, since)| since.elapsed() <= MAX_IDLE_AGE);
+            idle.pop()
+        };
+        match candidate {
+            Some((conn, _)) => Ok((conn, true)),
+            None => Ok((self.connect_within_timeout(target).await?, false)),
         }
-        Ok((self.connect_within_timeout(target).await?, false))
     }
 
     async fn connect_within_timeout(&self, target: &SmtpTarget) -> Result<Conn, Reply> {

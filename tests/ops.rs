@@ -243,6 +243,23 @@ fn write_config(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// `project-relay send-test` for `project`, with `--from` when given.
+fn send_test(path: &std::path::Path, project: &str, from: Option<&str>) -> Command {
+    let mut cmd = bin();
+    cmd.args([
+        "send-test",
+        "--project",
+        project,
+        "--to",
+        "someone@dest.example",
+    ]);
+    if let Some(from) = from {
+        cmd.args(["--from", from]);
+    }
+    cmd.arg("--config").arg(path);
+    cmd
+}
+
 async fn run(mut cmd: Command) -> (i32, String) {
     tokio::task::spawn_blocking(move || {
         let out = cmd.output().unwrap();
@@ -272,19 +289,7 @@ async fn send_test_uses_the_projects_transport_and_from_rules() {
             port = up.port()
         ),
     );
-    let mut cmd = bin();
-    cmd.args([
-        "send-test",
-        "--project",
-        "acme",
-        "--to",
-        "someone@dest.example",
-        "--from",
-        "alice@acme.example",
-        "--config",
-    ])
-    .arg(&path);
-    let (code, out) = run(cmd).await;
+    let (code, out) = run(send_test(&path, "acme", Some("alice@acme.example"))).await;
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("transport: project smtp://127.0.0.1:"),
@@ -305,36 +310,14 @@ async fn send_test_uses_the_projects_transport_and_from_rules() {
     );
 
     // An unapproved --from gets the default, as real mail would.
-    let mut cmd = bin();
-    cmd.args([
-        "send-test",
-        "--project",
-        "acme",
-        "--to",
-        "someone@dest.example",
-        "--from",
-        "mallory@acme.example",
-        "--config",
-    ])
-    .arg(&path);
-    let (code, out) = run(cmd).await;
+    let (code, out) = run(send_test(&path, "acme", Some("mallory@acme.example"))).await;
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("from:      Acme <noreply@acme.example> (default From)"),
         "{out}"
     );
 
-    let mut cmd = bin();
-    cmd.args([
-        "send-test",
-        "--project",
-        "broken",
-        "--to",
-        "someone@dest.example",
-        "--config",
-    ])
-    .arg(&path);
-    let (code, out) = run(cmd).await;
+    let (code, out) = run(send_test(&path, "broken", None)).await;
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("reply:     451 4.3.5 Project SMTP configuration is incomplete or invalid"),
@@ -342,17 +325,7 @@ async fn send_test_uses_the_projects_transport_and_from_rules() {
     );
 
     up.script(|s| s.data_end = Some("550 5.7.1 not today".into()));
-    let mut cmd = bin();
-    cmd.args([
-        "send-test",
-        "--project",
-        "acme",
-        "--to",
-        "someone@dest.example",
-        "--config",
-    ])
-    .arg(&path);
-    let (code, out) = run(cmd).await;
+    let (code, out) = run(send_test(&path, "acme", None)).await;
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("reply:     550 5.7.1 Upstream refused: not today"),
@@ -435,16 +408,7 @@ async fn secrets_from_the_environment_and_from_files() {
             up.port()
         ),
     );
-    let mut cmd = bin();
-    cmd.args([
-        "send-test",
-        "--project",
-        "acme",
-        "--to",
-        "x@dest.example",
-        "--config",
-    ])
-    .arg(&path);
+    let mut cmd = send_test(&path, "acme", None);
     cmd.env("RELAY_TEST_HOST", "127.0.0.1")
         .env("RELAY_TEST_USER", "env-user");
     let (code, out) = run(cmd).await;
