@@ -50,13 +50,21 @@ async fn with_admin(extra: &str) -> (Relay, String) {
 
 #[tokio::test]
 async fn health_and_metrics() {
-    let up = Upstream::start(Script::default()).await;
+    let up = Upstream::start(Script {
+        auth: vec![("u".into(), "p".into())],
+        ..Script::default()
+    })
+    .await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let (relay, base) = with_admin(&format!(
-        "[projects.metrics-a]\nsmtpHost = \"127.0.0.1\"\nsmtpPort = {}\nsmtpUsername = \"u\"\nsmtpPassword = \"p\"\nsmtpFromAddress = \"noreply@a.example\"\n[projects.metrics-b]\nappName = \"B\"\n[projects.metrics-broken]\nsmtpHost = \"x\"\n",
+        "[projects.metrics-a]\nsmtpHost = \"127.0.0.1\"\nsmtpPort = {}\nsmtpUsername = \"u\"\nsmtpPassword = \"p\"\nsmtpFromAddress = \"noreply@a.example\"\n[projects.metrics-down]\nsmtpHost = \"127.0.0.1\"\nsmtpPort = {closed}\nsmtpUsername = \"u\"\nsmtpPassword = \"p\"\nsmtpFromAddress = \"noreply@down.example\"\n[projects.metrics-b]\nappName = \"B\"\n[projects.metrics-broken]\nsmtpHost = \"x\"\n",
         up.port()
     ))
     .await;
-    // The test upstream offers no AUTH, so metrics-a's messages are deferred (4.7.0) ...
     assert_eq!(
         http("GET", format!("{base}/healthz")).await,
         (200, "ok\n".into())
@@ -65,7 +73,8 @@ async fn health_and_metrics() {
     let mut c = relay.client().await;
     c.cmd("EHLO me", 250).await;
     for (project, code) in [
-        ("metrics-a", "451"),
+        ("metrics-a", "250"),
+        ("metrics-down", "451"),
         ("metrics-b", "250"),
         ("metrics-b", "250"),
         ("metrics-broken", "451"),
@@ -76,11 +85,34 @@ async fn health_and_metrics() {
             .await;
         assert!(reply.starts_with(code), "{project}: {reply}");
     }
+    // A TLS session, and an upstream connection that stays pooled.
+    let mut t = relay.client().await;
+    t.cmd("EHLO me", 250).await;
+    t.cmd("STARTTLS", 220).await;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = common::tls_client()
+        .connect(name, t.stream.into_inner())
+        .await
+        .unwrap();
+    let mut t = common::Client::new(tls);
+    t.cmd("EHLO me", 250).await;
     let (status, text) = http("GET", format!("{base}/metrics")).await;
+    let gauge = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+    };
+    // This test's two sessions are open now (other tests in this process may add theirs).
+    assert!(gauge("relay_sessions_active") >= 2.0);
+    assert!(gauge("relay_tls_sessions_total{kind=\"starttls\"}") >= 1.0);
+    assert!(gauge("relay_upstream_connections_open{upstream=\"127.0.0.1\"}") >= 1.0);
     assert_eq!(status, 200);
     for needle in [
         r#"relay_messages_total{project="metrics-b",outcome="delivered"} 2"#,
-        r#"relay_messages_total{project="metrics-a",outcome="deferred"} 1"#,
+        r#"relay_messages_total{project="metrics-a",outcome="delivered"} 1"#,
+        r#"relay_messages_total{project="metrics-down",outcome="deferred"} 1"#,
         r#"relay_messages_total{project="metrics-broken",outcome="refused-config"} 1"#,
         r#"relay_from_rewrites_total{project="metrics-b"} 2"#,
         r#"relay_upstream_send_seconds_bucket{upstream="127.0.0.1""#,
