@@ -29,7 +29,12 @@ fuzz_target!(|data: &[u8]| {
             .filter(|(name, _)| name.trim_end().eq_ignore_ascii_case("from"))
             .count();
         assert_eq!(froms, 1, "{head}");
-        let ok = ["alice@acme.example", "noreply@acme.example", "alerts@example.com", "noreply@example.com"];
+        let ok = [
+            "alice@acme.example",
+            "noreply@acme.example",
+            "alerts@example.com",
+            "noreply@example.com",
+        ];
         assert!(ok.iter().any(|a| a.eq_ignore_ascii_case(&d.envelope_from)));
     }
 });
