@@ -3,15 +3,8 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_project-relay"));
-    c.current_dir(common::repo());
-    c.env_remove("PROJECT_RELAY_CONFIG");
-    c.env("NO_COLOR", "1");
-    c
-}
+use common::process::{Process, command as bin};
 
 fn write_config(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -147,86 +140,37 @@ fn config_path_may_come_from_the_environment() {
 
 #[test]
 fn serve_logs_its_listeners_and_stops_on_sigterm() {
-    let (dir, path) = write_config(&format!(
+    let (_dir, path) = write_config(&format!(
         "[listener]\nsmtp = \"127.0.0.1:0\"\n[server.capture]\ndir = \"{}\"\n{}",
         "outbox",
         PROJECTS.replace("[server.capture]\ndir = \"outbox\"", "")
     ));
-    let mut child = bin()
-        .arg("--config")
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = String::new();
-    let addr = loop {
-        let line = lines.next().expect("relay exited early").unwrap();
-        log.push_str(&line);
-        log.push('\n');
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.trim().to_string();
-        }
-    };
-    let addr: std::net::SocketAddr = addr.parse().expect("an address after 'listening on'");
+    let mut cmd = bin();
+    cmd.arg("--config").arg(&path);
+    let mut relay = Process::start(cmd);
+    let addr = relay.listening();
     assert_ne!(addr.port(), 0);
-    let mut sock = std::net::TcpStream::connect(addr).unwrap();
-    let mut greeting = String::new();
-    BufReader::new(&mut sock).read_line(&mut greeting).unwrap();
-    assert!(greeting.starts_with("220 "), "{greeting}");
-    drop(sock);
-    terminate(child.id());
-    let status = child.wait().unwrap();
+    assert!(greeting(addr).starts_with("220 "));
+    let (status, log) = relay.stop();
     assert!(status.success(), "exit 0 on SIGTERM");
-    for line in lines {
-        log.push_str(&line.unwrap());
-    }
     assert!(log.contains("broken") && !log.contains("hunter2"), "{log}");
-    drop(dir);
 }
 
-fn terminate(pid: u32) {
-    let ok = Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(ok.success());
+fn greeting(addr: std::net::SocketAddr) -> String {
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    let mut g = String::new();
+    BufReader::new(&mut sock).read_line(&mut g).unwrap();
+    g
 }
 
 #[test]
 fn sighup_reloads_a_valid_file_and_keeps_the_old_one_when_invalid() {
     let (_dir, path) =
         write_config("[listener]\nsmtp = \"127.0.0.1:0\"\nhostname = \"first.test\"\n");
-    let mut child = bin()
-        .arg("--config")
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut next_containing = |needle: &str| -> String {
-        loop {
-            let line = lines.next().expect("relay exited early").unwrap();
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    };
-    let line = next_containing("listening on ");
-    let addr: std::net::SocketAddr = line
-        .split("listening on ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let greeting = |addr| {
-        let mut sock = std::net::TcpStream::connect(addr).unwrap();
-        let mut g = String::new();
-        BufReader::new(&mut sock).read_line(&mut g).unwrap();
-        g
-    };
+    let mut cmd = bin();
+    cmd.arg("--config").arg(&path);
+    let mut relay = Process::start(cmd);
+    let addr = relay.listening();
     assert!(greeting(addr).starts_with("220 first.test"));
 
     std::fs::write(
@@ -234,26 +178,15 @@ fn sighup_reloads_a_valid_file_and_keeps_the_old_one_when_invalid() {
         "[listener]\nsmtp = \"127.0.0.1:0\"\nhostname = \"second.test\"\n",
     )
     .unwrap();
-    hup(child.id());
-    next_containing("reloaded");
+    relay.signal("HUP");
+    relay.wait_for("reloaded");
     assert!(greeting(addr).starts_with("220 second.test"));
 
     std::fs::write(&path, "[listener]\nhostnme = \"typo.test\"\n").unwrap();
-    hup(child.id());
-    let line = next_containing("reload failed");
+    relay.signal("HUP");
+    let line = relay.wait_for("reload failed");
     assert!(line.contains("hostnme"), "{line}");
     assert!(greeting(addr).starts_with("220 second.test"));
-    terminate(child.id());
-    assert!(child.wait().unwrap().success());
-}
-
-fn hup(pid: u32) {
-    assert!(
-        Command::new("kill")
-            .arg("-HUP")
-            .arg(pid.to_string())
-            .status()
-            .unwrap()
-            .success()
-    );
+    let (status, _) = relay.stop();
+    assert!(status.success());
 }

@@ -3,18 +3,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::{Relay, Script, Upstream};
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_project-relay"));
-    c.current_dir(common::repo());
-    c.env_remove("PROJECT_RELAY_CONFIG");
-    c.env("NO_COLOR", "1");
-    c
-}
+use common::process::{Process, command as bin};
 
 /// A blocking HTTP GET/DELETE with a real client, off the async runtime.
 async fn http(method: &'static str, url: String) -> (u16, String) {
@@ -467,25 +460,17 @@ async fn json_logs_one_event_per_message() {
         dir.path(),
         "[listener]\nsmtp = \"127.0.0.1:0\"\n[server]\nsupportEmail = \"noreply@example.com\"\n[server.capture]\ndir = \"outbox\"\n[projects.acme]\n",
     );
-    let mut child = bin()
-        .arg("--log-format")
-        .arg("json")
-        .arg("--config")
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("relay exited").unwrap();
-        let event = json(&line);
-        if let Some(rest) = event["fields"]["message"]
+    let mut cmd = bin();
+    cmd.args(["--log-format", "json", "--config"]).arg(&path);
+    let mut relay = Process::start(cmd);
+    let line = relay.wait_for("listening on ");
+    assert!(
+        json(&line)["fields"]["message"]
             .as_str()
-            .and_then(|m| m.strip_prefix("listening on "))
-        {
-            break rest.parse::<std::net::SocketAddr>().unwrap();
-        }
-    };
+            .unwrap()
+            .starts_with("listening on ")
+    );
+    let addr = relay.listening_in(&line);
     let mut c = common::Client::connect(addr).await;
     c.expect(220).await;
     assert!(
@@ -497,13 +482,7 @@ async fn json_logs_one_event_per_message() {
         .await
         .starts_with("250")
     );
-    let event = loop {
-        let line = lines.next().expect("relay exited").unwrap();
-        let event = json(&line);
-        if event["fields"]["message"] == "message" {
-            break event;
-        }
-    };
+    let event = json(&relay.wait_for("\"message\":\"message\""));
     let f = &event["fields"];
     assert_eq!(f["project"], "acme");
     assert_eq!(f["transport"], "capture");
@@ -512,9 +491,6 @@ async fn json_logs_one_event_per_message() {
     assert_eq!(f["code"], 250);
     assert_eq!(f["from_rewritten"], true);
     assert!(f["size"].as_u64().unwrap() > 0 && f["ms"].is_u64());
-    Command::new("kill")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    child.wait().unwrap();
+    let (status, _) = relay.stop();
+    assert!(status.success());
 }

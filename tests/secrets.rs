@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
-
 use base64::Engine;
 use common::{Client, Script, Upstream};
 
@@ -67,27 +64,10 @@ smtpFromAddress = "noreply@wrong.example"
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_project-relay"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "trace")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut log = String::new();
-    let addr = loop {
-        let mut line = String::new();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "relay exited: {log}"
-        );
-        log.push_str(&line);
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.trim().parse::<std::net::SocketAddr>().unwrap();
-        }
-    };
+    let mut cmd = common::process::command();
+    cmd.arg("--config").arg(&path).env("RUST_LOG", "trace");
+    let mut relay = common::process::Process::start(cmd);
+    let addr = relay.listening();
 
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let mut replies = String::new();
@@ -133,19 +113,9 @@ smtpFromAddress = "noreply@wrong.example"
     c.cmd("QUIT", 221).await;
     assert_eq!(up.received().len(), 1, "{replies}");
 
-    assert!(
-        Command::new("kill")
-            .arg(child.id().to_string())
-            .status()
-            .unwrap()
-            .success()
-    );
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).unwrap();
-    log.push_str(&rest);
-    child.wait().unwrap();
+    let (_, log) = relay.stop();
 
-    let check = Command::new(env!("CARGO_BIN_EXE_project-relay"))
+    let check = common::process::command()
         .arg("check")
         .arg("--config")
         .arg(&path)
