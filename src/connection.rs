@@ -72,8 +72,12 @@ pub async fn serve(
         tcp_peer
     };
     let peer_ip = client.ip().to_canonical();
+    let peer = Peer {
+        trusted: listener.is_trusted(peer_ip),
+        loopback: peer_ip.is_loopback(),
+    };
     // Outside the allow list a client may connect only to authenticate.
-    if !listener.is_trusted(peer_ip) && state.config.users.is_empty() {
+    if !peer.trusted && state.config.users.is_empty() {
         tracing::info!(client = %client, "refused: not in the allow list");
         server::refuse(tcp, Reply::PEER_NOT_ALLOWED).await;
         return Ok(());
@@ -89,10 +93,6 @@ pub async fn serve(
         handshake: listener.tls_handshake_timeout,
         ends: Instant::now() + listener.max_session,
         auth_failure_delay: listener.auth_failure_delay,
-    };
-    let peer = Peer {
-        trusted: listener.is_trusted(peer_ip),
-        loopback: peer_ip.to_canonical().is_loopback(),
     };
     let mut session = Session::new(state.settings.clone(), implicit_tls, peer);
     drop(state);

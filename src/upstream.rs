@@ -41,10 +41,9 @@ const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
 /// (a floor of 256 KiB/s), so a large message on a slow link is not cut off.
 const BYTES_PER_SEC_FLOOR: u64 = 256 * 1024;
 
-/// What the upstream said when it accepted a message.
+/// What the upstream said when it accepted a message (its text; the code was 2xx).
 #[derive(Debug, Clone)]
 pub struct Accepted {
-    pub code: u16,
     pub text: String,
 }
 
@@ -138,7 +137,6 @@ impl Upstreams {
         let (result, keep) = match outcome {
             Ok(Ok(response)) => (
                 Ok(Accepted {
-                    code: code_of(&response.code().to_string()),
                     text: response.message().collect::<Vec<_>>().join(" "),
                 }),
                 true,
