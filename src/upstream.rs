@@ -249,6 +249,13 @@ impl Upstreams {
                 .map_err(|e| Reply::upstream_tls(&format!("{}: STARTTLS: {e}", target.host)))?;
         }
         if let Some((user, password)) = &target.credentials {
+            if !may_send_credentials(&target.host, conn.is_encrypted()) {
+                return Err(Reply::upstream_auth(&format!(
+                    "{}: it offered no STARTTLS, and credentials are not sent in clear \
+                     (use smtpSecure = true, or an upstream with STARTTLS)",
+                    target.host
+                )));
+            }
             let creds = Credentials::new(user.clone(), password.expose().to_owned());
             conn.auth(&[Mechanism::Plain, Mechanism::Login], &creds)
                 .await
@@ -268,6 +275,18 @@ impl Upstreams {
             .build_rustls()
             .map_err(|e| Reply::upstream_tls(&format!("{host}: {e}")))
     }
+}
+
+/// PLAIN and LOGIN carry the password as it is: only over TLS, or to this machine (a local
+/// sink or test server), as Postfix's `smtp_sasl_security_options = noplaintext` would.
+fn may_send_credentials(host: &str, encrypted: bool) -> bool {
+    encrypted
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn parse_address(a: &str) -> Result<Address, Reply> {
@@ -465,5 +484,34 @@ impl AsyncWrite for TlsStream {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_only_over_tls_or_to_this_machine() {
+        assert!(may_send_credentials("smtp.example.com", true));
+        assert!(!may_send_credentials("smtp.example.com", false));
+        assert!(!may_send_credentials("10.0.0.5", false));
+        assert!(may_send_credentials("127.0.0.1", false));
+        assert!(may_send_credentials("::1", false));
+        assert!(may_send_credentials("[::1]", false));
+        assert!(may_send_credentials("LOCALHOST", false));
+    }
+
+    #[test]
+    fn message_chunks_drop_only_the_final_crlf() {
+        let head = b"From: a@b\r\n".as_slice();
+        let body = b"\r\nhello\r\n".as_slice();
+        assert_eq!(chunks(&[head, body]).concat(), b"From: a@b\r\n\r\nhello");
+        assert_eq!(chunks(&[head, b""]).concat(), b"From: a@b");
+        let big = vec![b'x'; CHUNK * 2 + 10];
+        assert_eq!(
+            chunks(&[&big]).iter().map(|c| c.len()).collect::<Vec<_>>(),
+            [CHUNK, CHUNK, 10]
+        );
     }
 }
