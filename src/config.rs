@@ -444,7 +444,7 @@ impl fmt::Display for SmtpTarget {
 pub struct Upstream {
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
-    /// Idle connections kept per upstream.
+    /// Idle connections kept per upstream when traffic drops (more are closed after 5 s idle).
     pub pool_size: usize,
 }
 

@@ -37,6 +37,8 @@ const CHUNK: usize = 32 * 1024;
 /// An idle connection older than this is closed rather than reused; upstreams commonly
 /// drop idle sessions after a minute or so.
 const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
+/// How long a connection beyond `pool_size` may sit idle before it is closed.
+const EXCESS_IDLE: Duration = Duration::from_secs(5);
 /// On top of the command timeout, time allowed for the message bytes themselves
 /// (a floor of 256 KiB/s), so a large message on a slow link is not cut off.
 const BYTES_PER_SEC_FLOOR: u64 = 256 * 1024;
@@ -53,7 +55,7 @@ pub struct Upstreams {
     ca_pem: Option<Vec<u8>>,
     timeout: Duration,
     hello: ClientId,
-    /// Idle connections kept per upstream; more are closed after use.
+    /// Idle connections kept per upstream; more are closed once idle for `EXCESS_IDLE`.
     pool_size: usize,
 }
 
@@ -160,10 +162,19 @@ impl Upstreams {
             ),
         };
         if keep {
+            let now = Instant::now();
             let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-            if idle.len() < self.pool_size {
-                idle.push((conn, Instant::now()));
-            }
+            idle.push((conn, now));
+            // Over `pool_size`, close the connections that have waited longest, once they
+            // have waited a while. Closing at once would make every message open a new
+            // connection whenever more sessions than `pool_size` are busy: a storm of
+            // connects, and TIME_WAIT sockets that run the system out of ports.
+            let mut excess = idle.len().saturating_sub(self.pool_size);
+            idle.retain(|(_, since)| {
+                let close = excess > 0 && now.duration_since(*since) > EXCESS_IDLE;
+                excess -= usize::from(close);
+                !close
+            });
         }
         result
     }

@@ -257,6 +257,40 @@ async fn connections_are_pooled_across_sessions() {
 
 /// The upstream closes a pooled connection while it is idle, silently or with a 421 as real
 /// servers do on their idle timeout: the next message goes on a new connection, unharmed.
+/// More busy sessions than `pool_size` must not turn every message into a new connection
+/// (a connect storm that ends in TIME_WAIT port exhaustion under load).
+#[tokio::test]
+async fn a_small_pool_does_not_churn_connections_under_load() {
+    let up = Upstream::start(script(|_| {})).await;
+    let relay = Relay::start(&format!(
+        "[upstream]\ntimeout_secs = 5\npool_size = 2\n{}",
+        project("acme", &up, "")
+    ))
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let addr = relay.smtp;
+        tasks.push(tokio::spawn(async move {
+            let mut c = common::Client::connect(addr).await;
+            c.expect(220).await;
+            c.cmd("EHLO me", 250).await;
+            for _ in 0..5 {
+                let reply = c.mail("app@app.example", &["x@dest.example"], MSG).await;
+                assert!(reply.starts_with("250"), "{reply}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(up.received().len(), 50);
+    assert!(
+        up.connections() <= 10,
+        "{} connections for 50 messages",
+        up.connections()
+    );
+}
+
 #[tokio::test]
 async fn a_pooled_connection_that_died_is_replaced_without_failing_the_message() {
     for farewell in [
