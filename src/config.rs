@@ -138,6 +138,8 @@ struct RawListener {
     auth_failure_delay_ms: u64,
     #[serde(default)]
     proxy_protocol: bool,
+    #[serde(default = "default_max_buffered_bytes")]
+    max_buffered_bytes: usize,
 }
 
 impl Default for RawListener {
@@ -163,6 +165,7 @@ impl Default for RawListener {
             shutdown_grace_secs: default_shutdown_grace(),
             auth_failure_delay_ms: default_auth_failure_delay(),
             proxy_protocol: false,
+            max_buffered_bytes: default_max_buffered_bytes(),
         }
     }
 }
@@ -202,6 +205,9 @@ fn default_shutdown_grace() -> u64 {
 }
 fn default_auth_failure_delay() -> u64 {
     1000
+}
+fn default_max_buffered_bytes() -> usize {
+    512 * 1024 * 1024
 }
 fn default_pool_size() -> usize {
     100
@@ -351,6 +357,8 @@ pub struct Listener {
     pub auth_failure_delay: Duration,
     /// Every connection starts with a PROXY protocol header (v1 or v2).
     pub proxy_protocol: bool,
+    /// Message bytes held in memory across all sessions at once.
+    pub max_buffered_bytes: usize,
 }
 
 impl Listener {
@@ -633,6 +641,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             None
         }
     };
+    if l.max_buffered_bytes < l.max_message_size {
+        problems
+            .push("listener.max_buffered_bytes: must be at least listener.max_message_size".into());
+    }
     if l.smtps.is_some() && tls.is_none() {
         problems.push("listener.smtps: needs listener.certificate and listener.private_key".into());
     }
@@ -801,6 +813,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             shutdown_grace: Duration::from_secs(l.shutdown_grace_secs),
             auth_failure_delay: Duration::from_millis(l.auth_failure_delay_ms),
             proxy_protocol: l.proxy_protocol,
+            max_buffered_bytes: l.max_buffered_bytes,
         },
         users: Arc::new(users),
         server: Server {
@@ -1295,6 +1308,8 @@ appName = "Acme Health"
             msg.contains("relayPassword") && !msg.contains("12345"),
             "{msg}"
         );
+        let msg = problems("[listener]\nmax_message_size = 1000\nmax_buffered_bytes = 999\n");
+        assert!(msg.contains("listener.max_buffered_bytes"), "{msg}");
         let msg = problems("[listener]\nallow = [\"10.0.0.0/33\"]\nrequire_auth = true\n");
         assert!(
             msg.contains("listener.allow") && msg.contains("listener.require_auth"),

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy;
-use crate::server::{self, Shared};
+use crate::server::{self, Budget, Shared};
 use crate::smtp::session::Peer;
 use crate::smtp::{Event, Reply, Session};
 
@@ -95,6 +95,7 @@ pub async fn serve(
         auth_failure_delay: listener.auth_failure_delay,
     };
     let mut session = Session::new(state.settings.clone(), implicit_tls, peer);
+    let mut budget = Budget::new(&shared, listener.max_buffered_bytes);
     drop(state);
     let ctx = Ctx {
         shared: &shared,
@@ -105,14 +106,14 @@ pub async fn serve(
     if implicit_tls {
         let tls = handshake(&shared, tcp, limits.handshake).await?;
         crate::metrics::tls_session("implicit");
-        ctx.drive(tls, &mut session, true).await?;
+        ctx.drive(tls, &mut session, &mut budget, true).await?;
         return Ok(());
     }
-    if let Next::StartTls(tcp) = ctx.drive(tcp, &mut session, true).await? {
+    if let Next::StartTls(tcp) = ctx.drive(tcp, &mut session, &mut budget, true).await? {
         let tls = handshake(&shared, tcp, limits.handshake).await?;
         crate::metrics::tls_session("starttls");
         session.tls_started();
-        ctx.drive(tls, &mut session, false).await?;
+        ctx.drive(tls, &mut session, &mut budget, false).await?;
     }
     Ok(())
 }
@@ -169,6 +170,7 @@ impl Ctx<'_> {
         &self,
         mut stream: S,
         session: &mut Session,
+        budget: &mut Budget,
         greet: bool,
     ) -> Result<Next<S>, ConnectionError> {
         let mut out: Vec<u8> = Vec::with_capacity(512);
@@ -182,6 +184,14 @@ impl Ctx<'_> {
             loop {
                 let (used, event) = session.feed(&buf[start..]);
                 start += used;
+                // Message bytes held in memory count against one budget for all sessions;
+                // past it, this message is dropped and refused, the session goes on.
+                if !budget.grow_to(session.buffered_data()) {
+                    session.abandon_data(Reply::INSUFFICIENT_STORAGE);
+                }
+                if !session.in_data() && !matches!(event, Event::Relay(_)) {
+                    budget.release_all();
+                }
                 match event {
                     Event::NeedMore => break,
                     Event::Reply(reply) => reply.write_to(&mut out),
@@ -222,6 +232,7 @@ impl Ctx<'_> {
                         // applies to the next message, never to one in flight.
                         let state = self.shared.current();
                         let reply = state.relay.relay(tx).await;
+                        budget.release_all();
                         reply.write_to(&mut out);
                     }
                 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,8 @@ pub struct Shared {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// Listeners serving and no stop asked for: what `/readyz` reports.
     ready: AtomicBool,
+    /// Message bytes held in memory by all sessions, against `max_buffered_bytes`.
+    buffered: AtomicUsize,
 }
 
 /// Failures older than this are forgotten.
@@ -129,6 +131,19 @@ impl Shared {
             shared: self.clone(),
             ip,
         })
+    }
+
+    /// Takes `n` more bytes of the message memory budget, if there are that many left.
+    fn reserve(&self, n: usize, limit: usize) -> bool {
+        self.buffered
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(n).filter(|total| *total <= limit)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, n: usize) {
+        self.buffered.fetch_sub(n, Ordering::AcqRel);
     }
 
     /// Records a failed AUTH from `ip`; returns its recent failure count.
@@ -188,6 +203,7 @@ impl Server {
                 auth_failures: Mutex::default(),
                 per_ip: Mutex::default(),
                 ready: AtomicBool::new(false),
+                buffered: AtomicUsize::new(0),
             }),
             listeners,
         })
@@ -267,6 +283,47 @@ struct Accept {
     slots: Arc<Semaphore>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+}
+
+/// One session's share of the message memory budget; given back when dropped.
+pub struct Budget {
+    shared: Arc<Shared>,
+    limit: usize,
+    held: usize,
+}
+
+impl Budget {
+    pub fn new(shared: &Arc<Shared>, limit: usize) -> Budget {
+        Budget {
+            shared: shared.clone(),
+            limit,
+            held: 0,
+        }
+    }
+
+    /// Grows this session's share to `total` bytes; false if the budget cannot cover it.
+    pub fn grow_to(&mut self, total: usize) -> bool {
+        if total <= self.held {
+            return true;
+        }
+        let more = total - self.held;
+        if self.shared.reserve(more, self.limit) {
+            self.held = total;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn release_all(&mut self) {
+        self.shared.release(std::mem::take(&mut self.held));
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        self.release_all();
+    }
 }
 
 /// Holds one of an address's connection slots until dropped.

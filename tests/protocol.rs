@@ -394,3 +394,44 @@ async fn connection_cap_refuses_with_421() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Messages held in memory by all sessions together are bounded: past the budget, the
+/// message that would exceed it is refused with a 4xx and the others go through.
+#[tokio::test]
+async fn message_memory_is_bounded_across_sessions() {
+    let (relay, up) = setup(
+        "[listener]\nsmtp = \"127.0.0.1:0\"\nmax_message_size = 300000\nmax_buffered_bytes = 400000\n",
+    )
+    .await;
+    let chunk = |tag: u8| {
+        let mut part = b"Subject: big\r\n\r\n".to_vec();
+        while part.len() < 250_000 {
+            part.extend(std::iter::repeat_n(tag, 78));
+            part.extend_from_slice(b"\r\n");
+        }
+        part
+    };
+    let start = |mut c: Client<TcpStream>| async move {
+        c.cmd("EHLO me", 250).await;
+        c.cmd("MAIL FROM:<app@app.example>", 250).await;
+        c.cmd("RCPT TO:<a@x.example>", 250).await;
+        c.cmd("DATA", 354).await;
+        c
+    };
+    let mut a = start(relay.client().await).await;
+    a.send_raw(&chunk(b'a')).await;
+    // Let the relay take in A's 250 KB before B's arrive.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut b = start(relay.client().await).await;
+    b.send_raw(&chunk(b'b')).await;
+    b.send_raw(b".\r\n").await;
+    assert!(b.expect(452).await.starts_with("452 4.3.1"));
+    a.send_raw(b".\r\n").await;
+    assert!(a.expect(250).await.starts_with("250"));
+    // The budget is free again: B's retry goes through on the same session.
+    let reply = b
+        .mail("app@app.example", &["a@x.example"], &chunk(b'c'))
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(up.received().len(), 2);
+}

@@ -36,7 +36,9 @@ pub struct DataReader {
     out: Vec<u8>,
     max_size: usize,
     line_len: usize,
-    too_large: bool,
+    /// Set once the message is refused for its size or abandoned: the rest is read and
+    /// dropped, so the session stays in step, and this is the answer at the end.
+    refused: Option<Reply>,
     long_line: bool,
     nul: bool,
 }
@@ -52,7 +54,7 @@ impl DataReader {
             out: Vec::with_capacity(max_size.min(64 * 1024)),
             max_size,
             line_len: 0,
-            too_large: false,
+            refused: None,
             long_line: false,
             nul: false,
         }
@@ -137,13 +139,23 @@ impl DataReader {
         (i, None)
     }
 
+    /// Memory the message holds so far.
+    pub fn buffered(&self) -> usize {
+        self.out.capacity()
+    }
+
+    /// Gives up on this message: its bytes are dropped now and `reply` ends it.
+    pub fn abandon(&mut self, reply: Reply) {
+        self.refused.get_or_insert(reply);
+        self.out = Vec::new();
+    }
+
     fn push(&mut self, bytes: &[u8]) {
-        if self.too_large {
+        if self.refused.is_some() {
             return;
         }
         if self.out.len() + bytes.len() > self.max_size {
-            self.too_large = true;
-            self.out = Vec::new();
+            self.abandon(Reply::TOO_LARGE);
             return;
         }
         self.out.extend_from_slice(bytes);
@@ -161,8 +173,8 @@ impl DataReader {
     }
 
     fn finish(&mut self) -> DataResult {
-        if self.too_large {
-            Err(Reply::TOO_LARGE)
+        if let Some(reply) = self.refused.take() {
+            Err(reply)
         } else if self.nul {
             Err(Reply::NUL_IN_DATA)
         } else if self.long_line {
@@ -310,6 +322,19 @@ mod tests {
         let mut r = DataReader::new(12);
         let (_, res) = r.feed(b"0123456789\r\n.\r\n");
         assert_eq!(res.unwrap().unwrap(), b"0123456789\r\n");
+    }
+
+    #[test]
+    fn abandoned_message_is_read_to_its_end_and_refused() {
+        let mut r = DataReader::new(1000);
+        let (_, done) = r.feed(b"first part\r\n");
+        assert!(done.is_none());
+        assert!(r.buffered() > 0);
+        r.abandon(Reply::INSUFFICIENT_STORAGE);
+        assert_eq!(r.buffered(), 0);
+        let (n, done) = r.feed(b"more\r\n.\r\nNOOP\r\n");
+        assert_eq!(n, 9);
+        assert_eq!(done.unwrap().unwrap_err(), Reply::INSUFFICIENT_STORAGE);
     }
 
     #[test]

@@ -232,6 +232,8 @@ impl Reply {
 
     // ----- message content -----
 
+    pub const INSUFFICIENT_STORAGE: Reply =
+        r(452, "4.3.1", "Insufficient system storage, try again later");
     pub const TOO_LARGE: Reply = r(
         552,
         "5.3.4",

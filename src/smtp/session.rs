@@ -139,6 +139,21 @@ impl Session {
         matches!(self.state, State::Fresh | State::Greeted)
     }
 
+    /// Memory held by the message being received, if any.
+    pub fn buffered_data(&self) -> usize {
+        match &self.state {
+            State::Data { reader, .. } => reader.buffered(),
+            _ => 0,
+        }
+    }
+
+    /// Drops the message being received; `reply` will answer its end of data.
+    pub fn abandon_data(&mut self, reply: Reply) {
+        if let State::Data { reader, .. } = &mut self.state {
+            reader.abandon(reply);
+        }
+    }
+
     pub fn in_data(&self) -> bool {
         matches!(self.state, State::Data { .. })
     }
