@@ -34,7 +34,7 @@ impl Listeners {
     pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
         let bind = |addr: Option<String>| async move {
             match addr {
-                Some(a) => TcpListener::bind(a.as_str())
+                Some(a) => listen(&a)
                     .await
                     .map(Some)
                     .map_err(|e| std::io::Error::new(e.kind(), format!("bind {a}: {e}"))),
@@ -59,6 +59,31 @@ impl Listeners {
     pub fn smtps_addr(&self) -> Option<SocketAddr> {
         self.smtps.as_ref().and_then(|l| l.local_addr().ok())
     }
+}
+
+/// Connections the kernel may queue before we accept them. The usual 128 is too few for a
+/// burst of clients: with SYN cookies on, a connection that finds the queue full is
+/// completed on the client's side but never reaches us, and the client waits for a
+/// greeting that never comes. The kernel caps this at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        match socket
+            .bind(addr)
+            .and_then(|()| socket.listen(LISTEN_BACKLOG))
+        {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no address to listen on")))
 }
 
 /// Everything built from one config; replaced whole on reload.

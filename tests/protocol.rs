@@ -435,3 +435,44 @@ async fn message_memory_is_bounded_across_sessions() {
     assert!(reply.starts_with("250"), "{reply}");
     assert_eq!(up.received().len(), 2);
 }
+
+/// A burst of clients arriving before the relay accepts any: every one of them is greeted.
+/// (With the common listen backlog of 128 the overflow is dropped, or, with SYN cookies,
+/// completed on the client's side and then lost: those clients wait for a greeting forever.)
+#[tokio::test]
+async fn a_burst_of_connections_is_not_lost() {
+    let up = Upstream::start(Script::default()).await;
+    let config = project_relay::Config::from_toml_str(
+        &format!(
+            "[listener]\nsmtp = \"127.0.0.1:0\"\nmax_connections = 2000\n[server]\nsupportEmail = \"n@example.com\"\n[server.smtp]\nhost = \"127.0.0.1\"\nport = {}\n",
+            up.port()
+        ),
+        &common::repo(),
+    )
+    .unwrap();
+    let listeners = project_relay::Listeners::bind(&config).await.unwrap();
+    let addr = listeners.smtp_addr().unwrap();
+    // All connect while nothing accepts yet.
+    let mut clients = Vec::new();
+    for _ in 0..600 {
+        let tcp =
+            tokio::time::timeout(std::time::Duration::from_secs(10), TcpStream::connect(addr))
+                .await
+                .expect("connect timed out")
+                .expect("connect");
+        clients.push(Client::new(tcp));
+    }
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _relay = tokio::spawn(project_relay::run(
+        std::sync::Arc::new(config),
+        listeners,
+        shutdown.clone(),
+    ));
+    for c in &mut clients {
+        let greeting = tokio::time::timeout(std::time::Duration::from_secs(5), c.reply())
+            .await
+            .expect("a queued client got no greeting");
+        assert!(greeting.starts_with("220"), "{greeting}");
+    }
+    shutdown.cancel();
+}

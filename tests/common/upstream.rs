@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Default)]
@@ -77,7 +77,10 @@ impl Drop for Upstream {
 
 impl Upstream {
     pub async fn start(script: Script) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A deep backlog, so bursts of relay connections test the relay, not the kernel.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(4096).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             script: Mutex::new(script),
