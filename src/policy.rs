@@ -118,6 +118,24 @@ fn unfold(value: &[u8]) -> String {
     s.replace("\r\n", "").replace('\n', "").trim().to_owned()
 }
 
+/// A message the rules refuse, with the project it named when that was known by then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal<'c> {
+    pub reply: Reply,
+    pub project: Option<&'c str>,
+}
+
+impl From<Reply> for Refusal<'_> {
+    fn from(reply: Reply) -> Self {
+        Refusal {
+            reply,
+            project: None,
+        }
+    }
+}
+
+type Named<'c> = Option<(&'c String, &'c crate::config::Project)>;
+
 /// Applies the Project SMTP rules to one message. `auth_project` is the project the client
 /// authenticated for: it stands in for a missing project header, and no header may name
 /// another project.
@@ -125,10 +143,23 @@ pub fn decide<'c>(
     config: &'c Config,
     data: &[u8],
     auth_project: Option<&str>,
-) -> Result<Decision<'c>, Reply> {
-    let header = &config.listener.project_header;
+) -> Result<Decision<'c>, Refusal<'c>> {
     let fields = header_fields(data)?;
+    let project = identify(config, &fields, data, auth_project)?;
+    route(config, &fields, data, project).map_err(|reply| Refusal {
+        reply,
+        project: project.map(|(name, _)| name.as_str()),
+    })
+}
 
+/// Which known project the message belongs to, from its header and the client's AUTH.
+fn identify<'c>(
+    config: &'c Config,
+    fields: &[Field],
+    data: &[u8],
+    auth_project: Option<&str>,
+) -> Result<Named<'c>, Reply> {
+    let header = &config.listener.project_header;
     let project_fields: Vec<&Field> = fields.iter().filter(|f| f.is(data, header)).collect();
     if project_fields.len() > 1 {
         return Err(Reply::duplicate_project_header(header));
@@ -148,10 +179,19 @@ pub fn decide<'c>(
         (Some(auth), _) => Some(auth.to_owned()),
         (None, id) => id,
     };
-    let project = project_id
+    Ok(project_id
         .as_deref()
-        .and_then(|id| config.projects.get_key_value(id));
+        .and_then(|id| config.projects.get_key_value(id)))
+}
 
+/// The transport, the From, and the header splices for a message of `project`.
+fn route<'c>(
+    config: &'c Config,
+    fields: &[Field],
+    data: &[u8],
+    project: Named<'c>,
+) -> Result<Decision<'c>, Reply> {
+    let header = &config.listener.project_header;
     // Which transport, and with it which default From and which approved list.
     let (transport, default_from, approved, app_name) = match project {
         Some((name, p)) if config.server.allow_project_smtp => match &p.smtp {
@@ -207,7 +247,7 @@ pub fn decide<'c>(
     }
     let mut from_done = false;
     let mut sender_done = false;
-    for f in &fields {
+    for f in fields {
         let replacement = if f.is(data, header) {
             Some(None)
         } else if f.is(data, "From") {
@@ -244,28 +284,6 @@ pub fn decide<'c>(
         body_offset: header_end,
         capture: project.and_then(|(_, p)| p.capture_dir.as_deref()),
     })
-}
-
-/// The known project a message names (or the client authenticated for), for labelling a
-/// refusal: `decide` stops at the first problem and does not say.
-pub fn project_named<'c>(
-    config: &'c Config,
-    data: &[u8],
-    auth_project: Option<&str>,
-) -> Option<&'c str> {
-    let id = match auth_project {
-        Some(auth) => auth.to_owned(),
-        None => {
-            let fields = header_fields(data).ok()?;
-            let header = &config.listener.project_header;
-            let field = fields.iter().find(|f| f.is(data, header))?;
-            unfold(field.value(data))
-        }
-    };
-    config
-        .projects
-        .get_key_value(id.as_str())
-        .map(|(name, _)| name.as_str())
 }
 
 type Route<'c> = (
@@ -351,10 +369,12 @@ smtpUsername = "u"
     fn run(c: &Config, msg: &str) -> Result<(Decision<'static>, String), Reply> {
         // Leak: tests only, keeps the borrow simple.
         let c: &'static Config = Box::leak(Box::new(c.clone()));
-        decide(c, msg.as_bytes(), None).map(|d| {
-            let text = String::from_utf8(d.assemble(msg.as_bytes())).unwrap();
-            (d, text)
-        })
+        decide(c, msg.as_bytes(), None)
+            .map_err(|r| r.reply)
+            .map(|d| {
+                let text = String::from_utf8(d.assemble(msg.as_bytes())).unwrap();
+                (d, text)
+            })
     }
 
     fn project_of<'a>(d: &Decision<'a>) -> Option<&'a str> {
@@ -648,7 +668,9 @@ smtpUsername = "u"
         assert_eq!(project_of(&d), Some("acme"));
         let d = decide(c, b"X-Project-Id: acme\r\n\r\nb\r\n", Some("acme")).unwrap();
         assert_eq!(project_of(&d), Some("acme"));
-        let r = decide(c, b"X-Project-Id: health\r\n\r\nb\r\n", Some("acme")).unwrap_err();
+        let r = decide(c, b"X-Project-Id: health\r\n\r\nb\r\n", Some("acme"))
+            .unwrap_err()
+            .reply;
         assert_eq!((r.code, r.enhanced.as_deref()), (550, Some("5.7.1")));
         // An authenticated project without project SMTP still uses the server transport.
         let d = decide(c, b"\r\nb\r\n", Some("plain")).unwrap();

@@ -1,7 +1,6 @@
 //! One message from the client to its transport: policy decision, upstream send or capture,
 //! the client's reply, its metrics, and the one log event per message.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,21 +61,18 @@ impl Relay {
     pub async fn relay_with_outcome(&self, mut tx: Transaction) -> Outcome {
         let started = Instant::now();
         let size = tx.data.len();
-        let auth_project = tx.auth_project.clone();
-        let mut decision = match policy::decide(&self.config, &tx.data, auth_project.as_deref()) {
+        let mut decision = match policy::decide(&self.config, &tx.data, tx.auth_project.as_deref())
+        {
             Ok(d) => d,
-            Err(reply) => {
+            Err(policy::Refusal { reply, project }) => {
                 let kind = if reply.enhanced.as_deref() == Some("4.3.5") {
                     Kind::RefusedConfig
                 } else {
                     Kind::Refused
                 };
-                let project =
-                    policy::project_named(&self.config, &tx.data, auth_project.as_deref())
-                        .unwrap_or("-");
-                metrics::message(project, kind, size);
+                metrics::message(project.unwrap_or("-"), kind, size);
                 tracing::info!(
-                    project,
+                    project = project.unwrap_or("-"),
                     mail_from = %tx.mail_from,
                     recipients = tx.recipients.len(),
                     size,
@@ -86,7 +82,7 @@ impl Relay {
                 );
                 return Outcome {
                     reply,
-                    project: auth_project,
+                    project: project.map(str::to_owned),
                     transport: "none".into(),
                     resolved_from: None,
                     from_rewritten: false,
@@ -169,7 +165,7 @@ impl Relay {
         Outcome {
             reply,
             project: decision.project.map(str::to_owned),
-            transport: if capture_root.is_some() && decision.capture.is_some() {
+            transport: if decision.capture.is_some() {
                 format!("capture (instead of {transport})")
             } else {
                 transport
@@ -223,12 +219,8 @@ async fn write_capture(
     })
     .await;
     match written {
-        Ok(Ok(path)) => Reply::captured(&display(&path)),
+        Ok(Ok(path)) => Reply::captured(&path.display().to_string()),
         Ok(Err(e)) => Reply::capture_failed(&e.to_string()),
         Err(e) => Reply::capture_failed(&e.to_string()),
     }
-}
-
-fn display(path: &Path) -> String {
-    path.display().to_string()
 }
