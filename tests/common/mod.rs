@@ -45,10 +45,7 @@ impl Relay {
         let toml = if toml.contains("[listener]") {
             toml
         } else {
-            format!(
-                "[listener]\nsmtp = \"127.0.0.1:0\"\nhostname = \"relay.test\"\n{}\n{toml}",
-                ""
-            )
+            format!("[listener]\nsmtp = \"127.0.0.1:0\"\nhostname = \"relay.test\"\n\n{toml}")
         };
         let config = Config::from_toml_str(&toml, &repo()).expect("test config is valid");
         Relay::start_config(config, dir).await
