@@ -179,7 +179,6 @@ impl Upstreams {
         result
     }
 
-    /// A live connection: an idle one that still answers NOOP, or a new one.
     /// A pooled connection (`true`) or a new one. A pooled one is not probed with NOOP, which
     /// would cost a round trip per message: if the upstream closed it meanwhile, MAIL fails
     /// before anything is sent, and `send` retries on a new connection.
