@@ -107,6 +107,44 @@ pub fn is_plausible_address(addr: &str) -> bool {
     }
 }
 
+/// A name fit for EHLO (RFC 5321 §4.1.1.1): a domain of letters, digits and hyphens, or an
+/// address literal such as `[192.0.2.1]` or `[IPv6:2001:db8::1]`.
+pub fn is_helo_name(name: &str) -> bool {
+    if let Some(literal) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        let ip = literal.strip_prefix("IPv6:").unwrap_or(literal);
+        return ip.parse::<std::net::IpAddr>().is_ok();
+    }
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// What submission services accept before AUTH: a fully qualified domain name (two labels or
+/// more, a top-level label that is not all digits, not `localhost`) or an address literal.
+pub fn is_fqdn_helo(name: &str) -> bool {
+    if !is_helo_name(name) {
+        return false;
+    }
+    if name.starts_with('[') {
+        return true;
+    }
+    let name = name.trim_end_matches('.');
+    let labels: Vec<&str> = name.split('.').collect();
+    let top = labels.last().copied().unwrap_or_default();
+    labels.len() >= 2
+        && !top.bytes().all(|b| b.is_ascii_digit())
+        && !top.eq_ignore_ascii_case("localhost")
+        && !top.eq_ignore_ascii_case("localdomain")
+}
+
 /// An approved-sender list: entries trimmed, empty entries ignored, bare address kept
 /// (an entry may be written `Name <addr>`), compared case-insensitively.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -144,6 +182,42 @@ impl ApprovedList {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn helo_names() {
+        use super::{is_fqdn_helo, is_helo_name};
+        for ok in [
+            "mta.example.com",
+            "printer",
+            "[192.0.2.1]",
+            "[IPv6:2001:db8::1]",
+            "a-b.c",
+        ] {
+            assert!(is_helo_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "-x.example",
+            "x..example",
+            "[not-an-ip]",
+            "a_b.example",
+        ] {
+            assert!(!is_helo_name(bad), "{bad}");
+        }
+        for fq in ["mta.example.com", "relay.test", "[192.0.2.1]"] {
+            assert!(is_fqdn_helo(fq), "{fq}");
+        }
+        for not in [
+            "printer",
+            "localhost",
+            "box.localdomain",
+            "10.0.0.1",
+            "relay.localhost",
+        ] {
+            assert!(!is_fqdn_helo(not), "{not}");
+        }
+    }
+
     use super::*;
 
     #[test]

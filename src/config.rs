@@ -106,8 +106,7 @@ struct RawListener {
     smtps: Option<String>,
     certificate: Option<PathBuf>,
     private_key: Option<PathBuf>,
-    #[serde(default = "default_hostname")]
-    hostname: String,
+    hostname: Option<String>,
     #[serde(default = "default_project_header")]
     project_header: String,
     #[serde(default = "default_max_message_size")]
@@ -149,7 +148,7 @@ impl Default for RawListener {
             smtps: None,
             certificate: None,
             private_key: None,
-            hostname: default_hostname(),
+            hostname: None,
             project_header: default_project_header(),
             max_message_size: default_max_message_size(),
             max_recipients: default_max_recipients(),
@@ -170,9 +169,6 @@ impl Default for RawListener {
     }
 }
 
-fn default_hostname() -> String {
-    "localhost".into()
-}
 fn default_project_header() -> String {
     "X-Project-Id".into()
 }
@@ -271,6 +267,27 @@ struct RawUpstream {
     timeout_secs: u64,
     #[serde(default = "default_pool_size")]
     pool_size: usize,
+    /// The name in the relay's EHLO; default `[listener] hostname` when set, else this
+    /// machine's host name.
+    helo_name: Option<String>,
+    #[serde(default = "default_max_connections_per_upstream")]
+    max_connections_per_upstream: usize,
+    #[serde(default = "default_limit_wait")]
+    limit_wait_secs: u64,
+    #[serde(default = "default_max_messages_per_connection")]
+    max_messages_per_connection: u32,
+}
+
+/// Postfix's default `smtpd_client_connection_count_limit`.
+fn default_max_connections_per_upstream() -> usize {
+    50
+}
+fn default_limit_wait() -> u64 {
+    10
+}
+/// OpenSMTPD's default `smtp limit max-mails`; Exim's `smtp_accept_max_per_connection` too.
+fn default_max_messages_per_connection() -> u32 {
+    100
 }
 
 impl Default for RawUpstream {
@@ -279,6 +296,10 @@ impl Default for RawUpstream {
             ca_file: None,
             timeout_secs: default_timeout_secs(),
             pool_size: default_pool_size(),
+            helo_name: None,
+            max_connections_per_upstream: default_max_connections_per_upstream(),
+            limit_wait_secs: default_limit_wait(),
+            max_messages_per_connection: default_max_messages_per_connection(),
         }
     }
 }
@@ -454,6 +475,14 @@ pub struct Upstream {
     pub timeout: Duration,
     /// Idle connections kept per upstream when traffic drops (more are closed after 5 s idle).
     pub pool_size: usize,
+    /// The name in the relay's EHLO to upstreams.
+    pub helo_name: String,
+    /// Connections open at once to one upstream with one identity.
+    pub max_connections_per_upstream: usize,
+    /// How long a message waits for an upstream connection (or, later, a rate limit).
+    pub limit_wait: Duration,
+    /// Messages one upstream connection carries before it is replaced (0: no limit).
+    pub max_messages_per_connection: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -617,6 +646,16 @@ fn expand_env(s: &str, at: &str, problems: &mut Vec<String>) -> Option<String> {
     }
 }
 
+/// This machine's host name, for the EHLO to upstreams when no name is configured.
+fn system_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| address::is_helo_name(h))
+        .unwrap_or_else(|| "localhost".into())
+}
+
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {
     if p.is_absolute() { p } else { base.join(p) }
 }
@@ -648,13 +687,24 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
     if l.smtps.is_some() && tls.is_none() {
         problems.push("listener.smtps: needs listener.certificate and listener.private_key".into());
     }
-    if l.hostname.is_empty()
-        || l.hostname
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
+    if let Some(h) = &l.hostname
+        && (h.is_empty() || h.chars().any(|c| c.is_whitespace() || c.is_control()))
     {
         problems.push("listener.hostname: must be a host name without spaces".into());
     }
+    let helo_name = match (&raw.upstream.helo_name, &l.hostname) {
+        (Some(name), _) => {
+            if !address::is_helo_name(name) {
+                problems.push(
+                    "upstream.helo_name: must be a domain name or an address literal such as [192.0.2.1]"
+                        .into(),
+                );
+            }
+            name.clone()
+        }
+        (None, Some(hostname)) => hostname.clone(),
+        (None, None) => system_host_name(),
+    };
     let header_ok = !l.project_header.is_empty()
         && l.project_header
             .bytes()
@@ -678,6 +728,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
         ("listener.data_timeout_secs", l.data_timeout_secs),
         ("listener.max_session_secs", l.max_session_secs),
         ("upstream.timeout_secs", raw.upstream.timeout_secs),
+        (
+            "upstream.max_connections_per_upstream",
+            raw.upstream.max_connections_per_upstream as u64,
+        ),
     ] {
         if value == 0 {
             problems.push(format!("{key}: must be greater than 0"));
@@ -797,7 +851,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             smtp: l.smtp,
             smtps: l.smtps,
             tls,
-            hostname: l.hostname,
+            hostname: l.hostname.unwrap_or_else(|| "localhost".into()),
             project_header: l.project_header,
             max_message_size: l.max_message_size,
             max_recipients: l.max_recipients,
@@ -826,6 +880,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             ca_file: raw.upstream.ca_file.map(|p| resolve(base, p)),
             timeout: Duration::from_secs(raw.upstream.timeout_secs),
             pool_size: raw.upstream.pool_size,
+            helo_name,
+            max_connections_per_upstream: raw.upstream.max_connections_per_upstream,
+            limit_wait: Duration::from_secs(raw.upstream.limit_wait_secs),
+            max_messages_per_connection: raw.upstream.max_messages_per_connection,
         },
         projects,
     }

@@ -212,7 +212,7 @@ fn check(path: &Path, connect: bool) -> ExitCode {
     let probe = |target| match &probes {
         Some((rt, relay)) => match rt.block_on(relay.upstreams.probe(target)) {
             Ok(what) => Ok(format!(": {what}")),
-            Err(reply) => Err(format!(": error: {reply}")),
+            Err(e) => Err(format!(": error: {}", e.into_reply(target))),
         },
         None => Ok(String::new()),
     };

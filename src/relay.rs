@@ -10,12 +10,13 @@ use crate::metrics::{self, Outcome as Kind};
 use crate::policy::{self, Transport};
 use crate::smtp::{Reply, Transaction};
 use crate::tls::{self, TlsError};
-use crate::upstream::Upstreams;
+use crate::upstream::{self, Upstreams};
 
 #[derive(Debug)]
 pub struct Relay {
     pub config: Arc<Config>,
-    pub upstreams: Upstreams,
+    /// Shared with every other config generation: warm connections outlive a reload.
+    pub upstreams: Arc<Upstreams>,
 }
 
 /// What happened to one message: for the client's reply, the log, the metrics, `send-test`.
@@ -38,18 +39,15 @@ fn describe(target: &SmtpTarget, whose: &str) -> String {
 }
 
 impl Relay {
+    /// A relay with upstream pools of its own (`check`, `send-test`).
     pub fn new(config: Arc<Config>) -> Result<Relay, TlsError> {
-        let ca = config.upstream.ca_file.as_deref();
-        let client_tls = tls::client_config(ca)?;
-        let ca_pem = ca.map(tls::read_ca_pem).transpose()?;
-        let upstreams = Upstreams::new(
-            client_tls,
-            ca_pem,
-            config.upstream.timeout,
-            &config.listener.hostname,
-            config.upstream.pool_size,
-        );
+        let upstreams = Arc::new(Upstreams::new(upstream_settings(&config)?));
         Ok(Relay { config, upstreams })
+    }
+
+    /// A relay for `config` over pools that outlive it.
+    pub fn with_upstreams(config: Arc<Config>, upstreams: Arc<Upstreams>) -> Relay {
+        Relay { config, upstreams }
     }
 
     /// Relays one finished transaction and returns the client's reply: 250 only once the
@@ -134,7 +132,10 @@ impl Relay {
                     )
                     .await;
                 metrics::upstream_latency(&target.host, sent.elapsed());
-                let reply = result.map_or_else(|r| r, |accepted| Reply::delivered(&accepted.text));
+                let reply = result.map_or_else(
+                    |e| e.into_reply(target),
+                    |accepted| Reply::delivered(&accepted.text),
+                );
                 (reply, Some(target.host.as_str()))
             }
             (None, None) => unreachable!("a capture transport always has a folder"),
@@ -204,6 +205,34 @@ impl Relay {
         };
         self.relay_with_outcome(tx).await
     }
+}
+
+/// How upstream connections are made under `config`.
+pub fn upstream_settings(config: &Config) -> Result<upstream::Settings, TlsError> {
+    let u = &config.upstream;
+    Ok(upstream::Settings {
+        tls: tls::client_config(u.ca_file.as_deref())?,
+        ca_file: u.ca_file.clone(),
+        timeout: u.timeout,
+        helo_name: u.helo_name.clone(),
+        pool_size: u.pool_size,
+        max_connections: u.max_connections_per_upstream,
+        limit_wait: u.limit_wait,
+        max_messages: u.max_messages_per_connection,
+    })
+}
+
+/// Every upstream target `config` sends through: their pools are kept across a reload.
+pub fn upstream_targets(config: &Config) -> std::collections::HashSet<&SmtpTarget> {
+    let server = match &config.server.provider {
+        Some(Provider::Smtp(t)) => Some(t),
+        _ => None,
+    };
+    let projects = config.projects.values().filter_map(|p| match &p.smtp {
+        crate::config::ProjectSmtp::Active(r) => Some(&r.target),
+        _ => None,
+    });
+    server.into_iter().chain(projects).collect()
 }
 
 /// The message moves to a blocking task for the file writes; it is not copied.

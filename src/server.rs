@@ -21,6 +21,7 @@ use crate::connection;
 use crate::relay::Relay;
 use crate::smtp::{Reply, Settings};
 use crate::tls;
+use crate::upstream::Upstreams;
 
 /// The bound sockets, so tests can bind port 0 and read back the address.
 #[derive(Debug)]
@@ -94,7 +95,11 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(config: Arc<Config>, starttls_available: bool) -> anyhow::Result<State> {
+    pub fn new(
+        config: Arc<Config>,
+        starttls_available: bool,
+        upstreams: Arc<Upstreams>,
+    ) -> anyhow::Result<State> {
         let l = &config.listener;
         let settings = Settings {
             hostname: l.hostname.clone(),
@@ -106,7 +111,7 @@ impl State {
             allow_plaintext_auth: l.allow_plaintext_auth,
         };
         Ok(State {
-            relay: Relay::new(config.clone())?,
+            relay: Relay::with_upstreams(config.clone(), upstreams),
             config,
             settings,
         })
@@ -116,6 +121,8 @@ impl State {
 /// What every connection shares.
 pub struct Shared {
     current: RwLock<Arc<State>>,
+    /// Upstream pools: one set for the relay's whole life, across reloads.
+    upstreams: Arc<Upstreams>,
     pub tls: Option<TlsAcceptor>,
     /// Failed AUTH attempts per address, with the time of the last one.
     auth_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
@@ -200,7 +207,14 @@ impl Reloader {
     /// and TLS certificate stay as they were bound.
     pub fn reload(&self, config: Config) -> anyhow::Result<()> {
         let tls = self.0.tls.is_some();
-        let state = State::new(Arc::new(config), tls)?;
+        let settings = crate::relay::upstream_settings(&config)?;
+        let config = Arc::new(config);
+        let state = State::new(config.clone(), tls, self.0.upstreams.clone())?;
+        self.0.upstreams.configure(settings);
+        // Pools of upstreams (or credentials) the new config no longer uses are closed.
+        self.0
+            .upstreams
+            .retain_targets(&crate::relay::upstream_targets(&config));
         *self.0.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
         Ok(())
     }
@@ -220,10 +234,12 @@ impl Server {
             )?)),
             None => None,
         };
-        let state = State::new(config, tls.is_some())?;
+        let upstreams = Arc::new(Upstreams::new(crate::relay::upstream_settings(&config)?));
+        let state = State::new(config, tls.is_some(), upstreams.clone())?;
         Ok(Server {
             shared: Arc::new(Shared {
                 current: RwLock::new(Arc::new(state)),
+                upstreams,
                 tls,
                 auth_failures: Mutex::default(),
                 per_ip: Mutex::default(),
@@ -273,6 +289,12 @@ impl Server {
             None => None,
         };
         drop(state);
+        let reaper_stop = CancellationToken::new();
+        let reaper = {
+            let upstreams = self.shared.upstreams.clone();
+            let stop = reaper_stop.clone();
+            tokio::spawn(async move { upstreams.reap(stop).await })
+        };
         self.shared.ready.store(true, Ordering::Relaxed);
         shutdown.cancelled().await;
         self.shared.ready.store(false, Ordering::Relaxed);
@@ -284,6 +306,10 @@ impl Server {
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!("grace period over; closing {} sessions", tracker.len());
         }
+        reaper_stop.cancel();
+        let _ = reaper.await;
+        // Sessions are over: end every upstream connection with QUIT.
+        self.shared.upstreams.close_all().await;
         if let Some(admin) = admin {
             let _ = admin.await;
         }

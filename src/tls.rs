@@ -61,9 +61,3 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>
         .with_no_client_auth();
     Ok(Arc::new(config))
 }
-
-/// The PEM bytes of `ca_file`, for lettre's own STARTTLS setup.
-pub fn read_ca_pem(ca_file: &Path) -> Result<Vec<u8>, TlsError> {
-    load_certs(ca_file)?;
-    std::fs::read(ca_file).map_err(|e| file_error(ca_file, e))
-}

@@ -300,8 +300,12 @@ impl Reply {
         }
     }
 
-    /// The upstream refused: its code class reaches the client, with its own text.
+    /// The upstream refused: its code class reaches the client, with its own text. An
+    /// upstream's `421` closes only the upstream's channel (RFC 5321 §3.8): the client gets
+    /// `451` and its session goes on; the relay says `421` only when it closes the client's
+    /// connection itself.
     pub fn upstream_refused(code: u16, upstream_text: &str) -> Reply {
+        let code = if code == 421 { 451 } else { code };
         let text = clean(upstream_text);
         // Reuse the upstream's enhanced code when it gave one of the right class.
         let (enhanced, rest) = match text.split_once(' ') {
@@ -317,6 +321,31 @@ impl Reply {
 
     pub fn upstream_unreachable(detail: &str) -> Reply {
         Reply::new(451, "4.4.1", &format!("Upstream unreachable: {detail}"))
+    }
+
+    pub fn upstream_lost(detail: &str) -> Reply {
+        Reply::new(451, "4.4.2", &format!("Upstream connection lost: {detail}"))
+    }
+
+    /// Every connection the relay may open to the upstream stayed busy (RFC 3463 4.4.5:
+    /// system congestion).
+    pub fn upstream_busy(detail: &str) -> Reply {
+        Reply::new(
+            451,
+            "4.4.5",
+            &format!("Upstream connection limit reached: {detail}"),
+        )
+    }
+
+    /// Larger than the upstream's advertised SIZE (RFC 1870): refused before any of it is sent.
+    pub fn upstream_too_large(host: &str, size: u64, limit: u64) -> Reply {
+        Reply::new(
+            552,
+            "5.3.4",
+            &format!(
+                "Message too big for the upstream: {size} octets, {host} accepts at most {limit}"
+            ),
+        )
     }
 
     pub fn upstream_timeout(detail: &str) -> Reply {
