@@ -15,11 +15,12 @@ cat > "$tmp/ext.cnf" <<'EXT'
 basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=serverAuth
-subjectAltName=DNS:localhost,DNS:relay.localhost,IP:127.0.0.1,IP:::1
+subjectAltName=DNS:localhost,DNS:relay.localhost,DNS:upstream.test,IP:127.0.0.1,IP:::1,IP:10.231.77.2
 EXT
 openssl x509 -req -in "$tmp/localhost.csr" -CA ca.crt -CAkey "$tmp/ca.key" -CAcreateserial \
   -days 36500 -extfile "$tmp/ext.cnf" -out localhost.crt
 rm -f ca.srl
+# 10.231.77.2 is the test host the non-loopback tests make in a network namespace.
 # A certificate no one trusts, for the tests of an upstream with a bad certificate.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 36500 \
   -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \

@@ -7,7 +7,7 @@
 //! (`smtp::reply`), 250 only once the upstream has the message.
 //!
 //! `smtp`, `policy`, `address` and `config` are synchronous and pure; only `connection` and
-//! `server` touch client sockets; only `upstream` touches lettre; only `tls` builds rustls
+//! `server` touch client sockets; only `upstream` speaks SMTP to upstreams; only `tls` builds rustls
 //! configs.
 
 pub mod address;

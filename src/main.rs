@@ -197,6 +197,16 @@ fn check(path: &Path, connect: bool) -> ExitCode {
         println!("listener: error: {e}");
         ok = false;
     }
+    // Only matters where mail goes to an upstream, so not for a capture-only setup.
+    let helo = &config.upstream.helo_name;
+    if !project_relay::address::is_fqdn_helo(helo)
+        && !project_relay::relay::upstream_targets(&config).is_empty()
+    {
+        println!(
+            "upstream: warning: the EHLO name {helo:?} is not a fully qualified domain name; \
+             many submission services refuse it before AUTH (set [upstream] helo_name)"
+        );
+    }
     let relay = match Relay::new(Arc::new(config.clone())) {
         Ok(r) => Some(r),
         Err(e) => {

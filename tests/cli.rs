@@ -29,6 +29,41 @@ fn check_accepts_the_shipped_config() {
     assert!(stdout.contains("server: capture to"), "{stdout}");
 }
 
+#[test]
+fn check_warns_when_the_ehlo_name_is_not_fully_qualified() {
+    let project = "[projects.acme]\nsmtpHost = \"smtp.acme.example\"\nsmtpPort = 587\nsmtpUsername = \"u\"\nsmtpPassword = \"p\"\nsmtpFromAddress = \"noreply@acme.example\"\n";
+    let check = |upstream: &str| {
+        let (_dir, path) = write_config(&format!("[upstream]\n{upstream}\n{project}"));
+        let out = bin()
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "a warning, not an error");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let stdout = check("helo_name = \"printer\"");
+    assert!(
+        stdout.contains(
+            "upstream: warning: the EHLO name \"printer\" is not a fully qualified domain name"
+        ),
+        "{stdout}"
+    );
+    let stdout = check("helo_name = \"mta.example.com\"");
+    assert!(!stdout.contains("warning"), "{stdout}");
+    // A name that is not even a host name is a config error.
+    let (_dir, path) = write_config("[upstream]\nhelo_name = \"not a name\"\n");
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.helo_name"));
+}
+
 const PROJECTS: &str = r#"
 [server.capture]
 dir = "outbox"

@@ -4,7 +4,7 @@
 //! Why normalise rather than pass through: a bare CR or LF forwarded raw lets a lenient next hop
 //! see a message boundary that we did not (SMTP smuggling). After normalisation the upstream gets
 //! a message where every line ends in CRLF, and the client's `\n.\n` or `\r\n.\r\r\n` becomes an
-//! ordinary content line (which lettre stuffs again), never an end of data.
+//! ordinary content line (which the upstream client stuffs again), never an end of data.
 
 use super::reply::Reply;
 
@@ -282,7 +282,7 @@ mod tests {
                 assert_eq!(n, input.len(), "{fake:?} ended data early");
                 if let Ok(out) = result {
                     // Never a bare CR or LF left, and no line is a lone dot after CRLF framing
-                    // other than as content lettre will stuff.
+                    // other than as content the upstream client will stuff.
                     assert!(
                         !has_bare_cr_or_lf(&out),
                         "{fake:?} left bare CR/LF: {out:?}"

@@ -32,6 +32,13 @@ pub struct Script {
     pub implicit_tls: Option<Arc<rustls::ServerConfig>>,
     pub no_8bitmime: bool,
     pub smtputf8: bool,
+    /// Refuse MAIL with `452 4.5.3 Too many messages sent` after this many messages in one
+    /// session, as OpenSMTPD does past `smtp limit max-mails` (100 by default).
+    pub max_mails_per_session: Option<usize>,
+    /// The SIZE extension as advertised: `Some(n)` says `SIZE n`. Default `SIZE 52428800`.
+    pub size: Option<u64>,
+    /// Refuse every AUTH with this reply (and count it as a failure).
+    pub auth_reply: Option<String>,
     /// Percent of messages that meet a random fault: a 451, a dropped connection (before or
     /// after the data), or a stall.
     pub chaos_percent: u32,
@@ -55,7 +62,12 @@ struct State {
     script: Mutex<Script>,
     received: Mutex<Vec<Received>>,
     commands: Mutex<Vec<String>>,
+    /// Every command line with the number of the connection it came on.
+    log: Mutex<Vec<(usize, String)>>,
     connections: AtomicUsize,
+    /// Connections open now, and the most ever open at once.
+    open: AtomicUsize,
+    max_open: AtomicUsize,
     kill: Mutex<CancellationToken>,
     rng: Mutex<u64>,
     /// Said to each connection closed by `kill_connections_saying`.
@@ -80,13 +92,20 @@ impl Upstream {
         // A deep backlog, so bursts of relay connections test the relay, not the kernel.
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let listener = socket.listen(4096).unwrap();
+        Upstream::start_on(socket.listen(4096).unwrap(), script)
+    }
+
+    /// Serves on a listener bound elsewhere (for example inside a network namespace).
+    pub fn start_on(listener: tokio::net::TcpListener, script: Script) -> Upstream {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             script: Mutex::new(script),
             received: Mutex::new(Vec::new()),
             commands: Mutex::new(Vec::new()),
+            log: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+            max_open: AtomicUsize::new(0),
             kill: Mutex::new(CancellationToken::new()),
             rng: Mutex::new(0x9E37_79B9_7F4A_7C15),
             farewell: Mutex::new(None),
@@ -100,8 +119,14 @@ impl Upstream {
                     _ = stop2.cancelled() => return,
                 };
                 let id = st.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                let open = st.open.fetch_add(1, Ordering::SeqCst) + 1;
+                st.max_open.fetch_max(open, Ordering::SeqCst);
                 let kill = st.kill.lock().unwrap().clone();
-                tokio::spawn(serve(tcp, st.clone(), id, kill));
+                let st = st.clone();
+                tokio::spawn(async move {
+                    serve(tcp, st.clone(), id, kill).await;
+                    st.open.fetch_sub(1, Ordering::SeqCst);
+                });
             }
         });
         Upstream { addr, state, stop }
@@ -126,6 +151,25 @@ impl Upstream {
 
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// The most connections ever open at once.
+    pub fn max_open(&self) -> usize {
+        self.state.max_open.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.state.open.load(Ordering::SeqCst)
+    }
+
+    /// The command lines of connection `id` (numbered from 1), in order.
+    pub fn commands_of(&self, id: usize) -> Vec<String> {
+        let log = self.state.log.lock().unwrap();
+        log.iter()
+            .filter(|(c, _)| *c == id)
+            .map(|(_, l)| l.clone())
+            .collect()
     }
 
     /// Says `reply` on every open connection, then closes it: an idle timeout, as a real
@@ -212,6 +256,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut authed: Option<String> = None;
     let mut mail: Option<(String, String)> = None;
     let mut rcpts: Vec<String> = Vec::new();
+    // Messages accepted in this session.
+    let mut mails = 0;
     loop {
         let Some(line) = read_line(&mut r, kill).await else {
             let farewell = state.farewell.lock().unwrap().clone();
@@ -227,13 +273,14 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             .trim_end_matches(['\r', '\n'])
             .to_string();
         state.commands.lock().unwrap().push(text.clone());
+        state.log.lock().unwrap().push((id, text.clone()));
         let upper = text.to_ascii_uppercase();
         let script = state.script.lock().unwrap().clone();
         if upper.starts_with("EHLO") {
             let mut ext = vec![
                 "upstream.test".to_string(),
                 "PIPELINING".into(),
-                "SIZE 52428800".into(),
+                format!("SIZE {}", script.size.unwrap_or(52_428_800)),
             ];
             if !script.no_8bitmime {
                 ext.push("8BITMIME".into());
@@ -304,7 +351,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     continue;
                 }
             };
-            if script
+            if let Some(reply) = &script.auth_reply {
+                say!("{reply}");
+            } else if script
                 .auth
                 .iter()
                 .any(|(u, p)| *u == got_user && *p == got_pass)
@@ -321,6 +370,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             }
             if let Some(reply) = &script.mail {
                 say!("{reply}");
+                continue;
+            }
+            if script.max_mails_per_session.is_some_and(|max| mails >= max) {
+                say!("452 4.5.3 Too many messages sent");
                 continue;
             }
             let rest = &text["MAIL FROM:".len()..];
@@ -383,6 +436,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 .clone()
                 .unwrap_or_else(|| "250 2.0.0 queued as TEST".into());
             if reply.starts_with('2') {
+                mails += 1;
                 let (mail_from, mail_params) = mail.take().unwrap();
                 state.received.lock().unwrap().push(Received {
                     mail_from,

@@ -1,0 +1,121 @@
+//! The upstream on another host (a network namespace the test makes), where the relay's
+//! loopback exception does not apply: credentials go only over TLS the relay negotiated
+//! itself, whether implicit or by STARTTLS, and `check --connect` says which.
+
+mod common;
+
+use common::netns::{HOST_ADDR, TestHost};
+use common::{Relay, Script, Upstream};
+
+fn project(up: &Upstream, extra: &str) -> String {
+    format!(
+        "[upstream]\nca_file = \"certs/ca.crt\"\ntimeout_secs = 5\n\n[projects.acme]\nsmtpHost = \"{HOST_ADDR}\"\nsmtpPort = {port}\nsmtpUsername = \"user-acme\"\nsmtpPassword = \"pw-acme\"\nsmtpFromAddress = \"noreply@acme.example\"\n{extra}\n",
+        port = up.port()
+    )
+}
+
+fn script(f: impl FnOnce(&mut Script)) -> Script {
+    let mut s = Script {
+        auth: vec![("user-acme".into(), "pw-acme".into())],
+        ..Script::default()
+    };
+    f(&mut s);
+    s
+}
+
+const MSG: &[u8] = b"X-Project-Id: acme\r\nSubject: s\r\n\r\nhi\r\n";
+
+async fn send(relay: &Relay) -> String {
+    let mut c = relay.client().await;
+    c.send_mail("app@app.example", &["x@dest.example"], MSG)
+        .await
+}
+
+fn tls() -> std::sync::Arc<rustls::ServerConfig> {
+    common::tls_server("certs/localhost.crt", "certs/localhost.key")
+}
+
+#[tokio::test]
+async fn non_loopback_upstreams() {
+    // One test host at a time (its address is fixed), so the cases run in one test.
+    let host = TestHost::create();
+
+    // Implicit TLS (smtpSecure = true): delivered, authenticated, over TLS.
+    let up = Upstream::start_on(host.listen(), script(|s| s.implicit_tls = Some(tls())));
+    let relay = Relay::start(&project(&up, "smtpSecure = true")).await;
+    let reply = send(&relay).await;
+    assert!(reply.starts_with("250"), "implicit TLS: {reply}");
+    let got = &up.received()[0];
+    assert!(got.tls);
+    assert_eq!(got.auth_user.as_deref(), Some("user-acme"));
+
+    // STARTTLS: the same.
+    let up = Upstream::start_on(host.listen(), script(|s| s.starttls = Some(tls())));
+    let relay = Relay::start(&project(&up, "")).await;
+    let reply = send(&relay).await;
+    assert!(reply.starts_with("250"), "STARTTLS: {reply}");
+    let got = &up.received()[0];
+    assert!(got.tls);
+    assert_eq!(got.auth_user.as_deref(), Some("user-acme"));
+
+    // No STARTTLS offered: the password is never sent in clear, and the session ends with QUIT.
+    let up = Upstream::start_on(host.listen(), script(|_| {}));
+    let relay = Relay::start(&project(&up, "")).await;
+    let reply = send(&relay).await;
+    assert!(reply.starts_with("451 4.7.0"), "no STARTTLS: {reply}");
+    assert!(reply.contains("not sent in clear"), "{reply}");
+    let commands = up.commands();
+    assert!(
+        !commands.iter().any(|c| c.starts_with("AUTH")),
+        "{commands:?}"
+    );
+    assert_eq!(
+        commands.last().map(String::as_str),
+        Some("QUIT"),
+        "{commands:?}"
+    );
+    assert!(up.received().is_empty());
+
+    // `check --connect` says what each connection really is.
+    let implicit = Upstream::start_on(host.listen(), script(|s| s.implicit_tls = Some(tls())));
+    let starttls = Upstream::start_on(host.listen(), script(|s| s.starttls = Some(tls())));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    let text = format!(
+        "{}\n[projects.beta]\nsmtpHost = \"{HOST_ADDR}\"\nsmtpPort = {}\nsmtpUsername = \"user-acme\"\nsmtpPassword = \"pw-acme\"\nsmtpFromAddress = \"noreply@beta.example\"\n",
+        project(&implicit, "smtpSecure = true").replace(
+            "certs/ca.crt",
+            &common::repo().join("certs/ca.crt").display().to_string()
+        ),
+        starttls.port()
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        common::process::command()
+            .args(["check", "--connect", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no line for {name}: {stdout}"))
+            .to_owned()
+    };
+    let acme = line("acme");
+    assert!(acme.contains(", TLS, authenticated"), "{acme}");
+    assert!(!acme.contains("no TLS"), "{acme}");
+    let beta = line("beta");
+    assert!(beta.contains(", TLS (STARTTLS), authenticated"), "{beta}");
+    drop(host);
+}
