@@ -181,7 +181,11 @@ pub fn find(roots: &[PathBuf], id: &str) -> Option<(PathBuf, PathBuf)> {
         return None;
     }
     for root in roots {
-        for folder in std::fs::read_dir(root).ok()?.flatten() {
+        // A folder that has received no mail yet does not exist: the others still count.
+        let Ok(folders) = std::fs::read_dir(root) else {
+            continue;
+        };
+        for folder in folders.flatten() {
             let eml = folder.path().join(format!("{id}.eml"));
             let json = folder.path().join(format!("{id}.json"));
             if eml.is_file() && json.is_file() {
@@ -226,7 +230,16 @@ pub fn headers(message: &[u8]) -> Vec<(String, String)> {
 /// like become `YYYYMMDDhhmmssffffff`. Only UTC (`Z` or no zone) is understood.
 pub fn sortable_time(t: &str) -> Option<String> {
     let t = t.trim();
-    if t.contains('+') || t[t.len().min(10)..].contains('-') {
+    // Only the characters of the two forms: anything else (other zones, multi-byte text,
+    // garbage) is refused before any slicing.
+    if t.len() > 32
+        || !t
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b"-:.TZ".contains(&b))
+    {
+        return None;
+    }
+    if t[t.len().min(10)..].contains('-') {
         return None;
     }
     let mut digits: String = t.chars().filter(char::is_ascii_digit).collect();
@@ -251,6 +264,22 @@ mod tests {
         assert_eq!(timestamp(t), "20261129T230114.123456Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert!(timestamp(leap).starts_with("20000229T"));
+    }
+
+    #[test]
+    fn any_since_value_is_refused_or_understood_never_a_panic() {
+        for t in [
+            "2026-11-2€T23:18:58Z",
+            "ééééééééééé",
+            "2026-11-24T23:18:58+01:00",
+            "x",
+            "",
+            "2026-11-24T23:18:58Z\u{0}",
+            &"9".repeat(5000),
+        ] {
+            assert_eq!(sortable_time(t), None, "{t:?}");
+        }
+        assert!(sortable_time("2026-11-24").is_some());
     }
 
     #[test]

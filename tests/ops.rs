@@ -494,3 +494,50 @@ async fn json_logs_one_event_per_message() {
     let (status, _) = relay.stop();
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn since_with_any_bytes_is_a_400_never_a_panic() {
+    let (_relay, base) = with_admin("").await;
+    // Percent-encoded so the bytes reach the handler as they are: multi-byte UTF-8 at the
+    // positions the parser slices at, an overlong value, garbage.
+    for since in [
+        "2026-11-2%E2%82%ACT23%3A18%3A58Z",
+        "%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9",
+        "123456789%C3%A9",
+        &"9".repeat(10_000),
+        "%FF%FE",
+        "%00",
+    ] {
+        let (status, body) = http("GET", format!("{base}/api/messages?since={since}")).await;
+        assert_eq!(status, 400, "{since}: {body}");
+        assert!(json(&body)["error"].as_str().unwrap().starts_with("since:"));
+    }
+    // The listener is still serving.
+    assert_eq!(http("GET", format!("{base}/healthz")).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_capture_folder_that_does_not_exist_yet_hides_no_message() {
+    // `{dir}/a-empty` sorts before `{dir}/outbox` and has received no mail.
+    let (relay, base) = with_admin("[projects.quiet]\ncaptureDir = \"{dir}/a-empty\"\n").await;
+    let mut c = relay.client().await;
+    let reply = c
+        .send_mail(
+            "a@app.example",
+            &["one@dest.example"],
+            b"Subject: s\r\n\r\nhi\r\n",
+        )
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let (_, body) = http("GET", format!("{base}/api/messages")).await;
+    let id = json(&body)["messages"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = http("GET", format!("{base}/api/messages/{id}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["recipients"][0], "one@dest.example");
+    let (status, body) = http("GET", format!("{base}/api/messages/{id}/raw")).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("Subject: s"), "{body}");
+}

@@ -199,3 +199,14 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// The admin API's `since` parser takes any text: an answer or a refusal, never a panic.
+    #[test]
+    fn since_parsing_never_panics(t in any::<String>(), prefix in "[0-9T:-]{0,12}") {
+        let _ = project_relay::capture::sortable_time(&t);
+        let _ = project_relay::capture::sortable_time(&format!("{prefix}{t}"));
+    }
+}
