@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
@@ -32,17 +33,57 @@ pub async fn serve(
         shared,
         metrics: crate::metrics::handle(),
     };
+    // Mail content is never served to the network unauthenticated; probes and scrapers keep
+    // their open endpoints.
+    let api = Router::new()
+        .route("/api/messages", get(list).delete(delete_all))
+        .route("/api/messages/{id}", get(one))
+        .route("/api/messages/{id}/raw", get(raw))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard));
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/api/messages", get(list).delete(delete_all))
-        .route("/api/messages/{id}", get(one))
-        .route("/api/messages/{id}/raw", get(raw))
+        .merge(api)
         .with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}
+
+/// With `[admin] token`: a matching `Authorization: Bearer` header (401 otherwise). Without
+/// one: loopback clients only (403 otherwise).
+async fn guard(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let token = state.shared.current().config.admin_token.clone();
+    match token {
+        Some(token) => {
+            let given = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            if !crate::smtp::auth::constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
+                return error(StatusCode::UNAUTHORIZED, "a valid admin token is required");
+            }
+        }
+        None if !peer.ip().to_canonical().is_loopback() => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "captured mail is served to loopback clients only; set [admin] token to serve it to others",
+            );
+        }
+        None => {}
+    }
+    next.run(request).await
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -79,6 +79,10 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<String>,
+    /// Bearer token for the page and `/api` (mail content); `token_file` as for passwords.
+    token: Option<Secret>,
+    #[serde(default, rename = "token_file")]
+    _token_file: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize, Default)]
@@ -347,6 +351,9 @@ pub struct Config {
     pub listener: Listener,
     /// The admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, the capture inbox API).
     pub admin_listen: Option<String>,
+    /// Required (as `Authorization: Bearer`) for `/api`; without it, `/api` answers loopback
+    /// clients only.
+    pub admin_token: Option<Secret>,
     pub log_format: LogFormat,
     /// Relay users for listener AUTH, from the projects' `relayUsername`/`relayPassword`.
     pub users: Arc<Users>,
@@ -581,6 +588,7 @@ const FILE_SECRETS: &[(&str, &str)] = &[
     ("smtpPasswordFile", "smtpPassword"),
     ("relayPasswordFile", "relayPassword"),
     ("password_file", "password"),
+    ("token_file", "token"),
 ];
 
 /// Fills in `"${VAR}"` string values from the environment and `*File` secrets from their
@@ -839,6 +847,14 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             .push("listener.require_auth: no project has relayUsername and relayPassword".into());
     }
 
+    if raw
+        .admin
+        .token
+        .as_ref()
+        .is_some_and(|t| t.expose().is_empty())
+    {
+        problems.push("admin.token: must not be empty".into());
+    }
     if let Some(addr) = &raw.admin.listen
         && addr.trim().is_empty()
     {
@@ -846,6 +862,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
     }
     Config {
         admin_listen: raw.admin.listen,
+        admin_token: raw.admin.token,
         log_format: raw.log.format,
         listener: Listener {
             smtp: l.smtp,

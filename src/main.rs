@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use project_relay::config::{Config, LogFormat, ProjectSmtp, Provider};
+use project_relay::policy::FromDecision;
 use project_relay::relay::Relay;
 use project_relay::{Listeners, Reloader, Server, tls};
 use tokio_util::sync::CancellationToken;
@@ -358,10 +359,10 @@ fn send_test(path: &Path, project: &str, to: &str, from: Option<&str>) -> ExitCo
     println!("project:   {project}");
     println!("transport: {}", outcome.transport);
     if let Some(from) = &outcome.resolved_from {
-        let note = if outcome.from_rewritten {
-            " (default From)"
-        } else {
-            ""
+        let note = match outcome.from_decision {
+            Some(FromDecision::Kept | FromDecision::KeptNamed) => " (kept: approved sender)",
+            Some(FromDecision::Replaced | FromDecision::Added) => " (default From)",
+            None => "",
         };
         println!("from:      {from}{note}");
     }

@@ -18,6 +18,30 @@ pub enum Transport<'c> {
     Server(&'c Provider),
 }
 
+/// What happened to the caller's From, in the words `send-test` and the logs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FromDecision {
+    /// An approved sender: the field went upstream as the caller wrote it.
+    Kept,
+    /// An approved sender without a display name: the project's appName was added as one.
+    KeptNamed,
+    /// Not an approved sender (or not exactly one mailbox): the default From replaced it.
+    Replaced,
+    /// The message had no From: the default From was added.
+    Added,
+}
+
+impl FromDecision {
+    pub fn describe(self) -> &'static str {
+        match self {
+            FromDecision::Kept => "kept: approved sender",
+            FromDecision::KeptNamed => "kept: approved sender, appName added as its name",
+            FromDecision::Replaced => "default From: the caller's From is not an approved sender",
+            FromDecision::Added => "default From: the message had no From",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Decision<'c> {
     /// The project the message named, when it names one we know.
@@ -29,6 +53,7 @@ pub struct Decision<'c> {
     pub original_from: Option<String>,
     pub resolved_from: String,
     pub from_rewritten: bool,
+    pub from_decision: FromDecision,
     /// The rewritten header fields. The message that goes upstream is `head` followed by the
     /// received bytes from `body_offset` on (the empty line and the body), which are never
     /// copied: a large message stays in memory once.
@@ -227,6 +252,12 @@ fn route<'c>(
     let kept_verbatim = caller
         .as_ref()
         .is_some_and(|mb| mb.name.is_some() || app_name.is_none());
+    let from_decision = match (&caller, from_fields.is_empty()) {
+        (_, true) => FromDecision::Added,
+        (Some(_), false) if kept_verbatim => FromDecision::Kept,
+        (Some(_), false) => FromDecision::KeptNamed,
+        (None, false) => FromDecision::Replaced,
+    };
     let resolved = match caller {
         Some(mb) => mb,
         None => default_from.cloned().ok_or(Reply::NO_SERVER_SENDER)?,
@@ -280,6 +311,7 @@ fn route<'c>(
         original_from,
         resolved_from,
         from_rewritten: !kept_verbatim,
+        from_decision,
         head: out,
         body_offset: header_end,
         capture: project.and_then(|(_, p)| p.capture_dir.as_deref()),

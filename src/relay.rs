@@ -28,6 +28,8 @@ pub struct Outcome {
     pub transport: String,
     pub resolved_from: Option<String>,
     pub from_rewritten: bool,
+    /// `None` when the message was refused before its From was looked at.
+    pub from_decision: Option<policy::FromDecision>,
     pub took: Duration,
 }
 
@@ -84,6 +86,7 @@ impl Relay {
                     transport: "none".into(),
                     resolved_from: None,
                     from_rewritten: false,
+                    from_decision: None,
                     took: started.elapsed(),
                 };
             }
@@ -158,6 +161,7 @@ impl Relay {
             recipients = tx.recipients.len(),
             size,
             from_rewritten = decision.from_rewritten,
+            from = decision.from_decision.describe(),
             code = reply.code,
             reply = %reply.text,
             ms = took.as_millis() as u64,
@@ -173,6 +177,7 @@ impl Relay {
             },
             resolved_from: Some(decision.resolved_from.clone()),
             from_rewritten: decision.from_rewritten,
+            from_decision: Some(decision.from_decision),
             took,
         }
     }

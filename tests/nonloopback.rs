@@ -1,6 +1,7 @@
 //! The upstream on another host (a network namespace the test makes), where the relay's
 //! loopback exception does not apply: credentials go only over TLS the relay negotiated
-//! itself, whether implicit or by STARTTLS, and `check --connect` says which.
+//! itself, whether implicit or by STARTTLS, and `check --connect` says which; captured mail
+//! on the admin listener is never served to a non-loopback client without the admin token.
 
 mod common;
 
@@ -117,5 +118,65 @@ async fn non_loopback_upstreams() {
     assert!(!acme.contains("no TLS"), "{acme}");
     let beta = line("beta");
     assert!(beta.contains(", TLS (STARTTLS), authenticated"), "{beta}");
+    drop(host);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_serves_mail_to_the_network_only_with_the_token() {
+    let host = TestHost::create();
+    let base_config = |admin: &str| {
+        format!(
+            "[listener]\nsmtp = \"127.0.0.1:0\"\nhostname = \"relay.test\"\n[admin]\nlisten = \"0.0.0.0:0\"\n{admin}\n[server]\nsupportEmail = \"noreply@example.com\"\n[server.capture]\ndir = \"{{dir}}/outbox\"\n"
+        )
+    };
+    let get = |path: &str, auth: &str| format!("GET {path} HTTP/1.1\r\n{auth}");
+
+    // No token: mail content for loopback only; probes and metrics open to all.
+    let relay = Relay::start(&base_config("")).await;
+    let port = relay.admin.unwrap().port();
+    let h = &host;
+    let (status, body) = tokio::task::block_in_place(|| h.http(port, &get("/api/messages", "")));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("loopback clients only"), "{body}");
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        let (status, _) = tokio::task::block_in_place(|| h.http(port, &get(open, "")));
+        assert_eq!(status, 200, "{open}");
+    }
+    let (status, _) =
+        tokio::task::block_in_place(|| h.http(port, "DELETE /api/messages HTTP/1.1\r\n"));
+    assert_eq!(status, 403, "nor may it delete them");
+
+    // With a token: required from everyone, loopback included.
+    let relay = Relay::start(&base_config("token = \"t0ken-for-tests\"")).await;
+    let port = relay.admin.unwrap().port();
+    let (status, _) = tokio::task::block_in_place(|| h.http(port, &get("/api/messages", "")));
+    assert_eq!(status, 401);
+    let (status, _) = tokio::task::block_in_place(|| {
+        h.http(
+            port,
+            &get("/api/messages", "Authorization: Bearer wrong\r\n"),
+        )
+    });
+    assert_eq!(status, 401);
+    let (status, body) = tokio::task::block_in_place(|| {
+        h.http(
+            port,
+            &get("/api/messages", "Authorization: Bearer t0ken-for-tests\r\n"),
+        )
+    });
+    assert_eq!(status, 200, "{body}");
+    let local = tokio::task::spawn_blocking(move || {
+        ureq::get(format!("http://127.0.0.1:{port}/api/messages"))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .unwrap()
+            .status()
+            .as_u16()
+    })
+    .await
+    .unwrap();
+    assert_eq!(local, 401, "loopback needs the token too once one is set");
     drop(host);
 }

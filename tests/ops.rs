@@ -320,7 +320,10 @@ async fn send_test_uses_the_projects_transport_and_from_rules() {
         out.contains("transport: project smtp://127.0.0.1:"),
         "{out}"
     );
-    assert!(out.contains("from:      alice@acme.example"), "{out}");
+    assert!(
+        out.contains("from:      alice@acme.example (kept: approved sender)"),
+        "{out}"
+    );
     assert!(out.contains("reply:     250 2.0.0"), "{out}");
     assert!(out.contains("time:"), "{out}");
     assert!(!out.contains("pw-S3cret"));
@@ -333,6 +336,24 @@ async fn send_test_uses_the_projects_transport_and_from_rules() {
             && !text.contains("X-Project-Id"),
         "{text}"
     );
+
+    // An approved sender keeps its address when appName becomes its display name: still
+    // "kept", never "(default From)".
+    let named_dir = tempfile::tempdir().unwrap();
+    let named = write_config(
+        named_dir.path(),
+        &format!(
+            "[projects.acme]\nsmtpHost = \"127.0.0.1\"\nsmtpPort = {port}\nsmtpUsername = \"u\"\nsmtpPassword = \"pw-S3cret\"\nsmtpFromAddress = \"Acme <noreply@acme.example>\"\nsmtpApprovedSenders = \"alice@acme.example\"\nappName = \"Acme Health\"\n",
+            port = up.port()
+        ),
+    );
+    let (code, out) = run(send_test(&named, "acme", Some("alice@acme.example"))).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("from:      Acme Health <alice@acme.example> (kept: approved sender)"),
+        "{out}"
+    );
+    assert!(!out.contains("default From"), "{out}");
 
     // An unapproved --from gets the default, as real mail would.
     let (code, out) = run(send_test(&path, "acme", Some("mallory@acme.example"))).await;

@@ -95,6 +95,42 @@ impl TestHost {
     }
 }
 
+impl TestHost {
+    /// This machine's address as the test host sees it.
+    pub fn local_addr() -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 231, 77, 1))
+    }
+
+    /// One HTTP/1.1 request from the test host (a non-loopback client) to `port` on this
+    /// machine; returns the status code and the body.
+    pub fn http(&self, port: u16, request_head: &str) -> (u16, String) {
+        let head = request_head.to_owned();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let ns = File::open(format!("/var/run/netns/{NAMESPACE}")).unwrap();
+            // SAFETY: as in `listen`.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let mut tcp = std::net::TcpStream::connect((TestHost::local_addr(), port)).unwrap();
+            tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+                .unwrap();
+            tcp.write_all(format!("{head}Host: relay\r\nConnection: close\r\n\r\n").as_bytes())
+                .unwrap();
+            let mut response = String::new();
+            tcp.read_to_string(&mut response).unwrap();
+            let status = response
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+            (status, body)
+        })
+        .join()
+        .expect("client thread")
+    }
+}
+
 impl Drop for TestHost {
     fn drop(&mut self) {
         // Removing the namespace removes its end of the veth pair, and so the pair.
