@@ -141,6 +141,8 @@ struct RawListener {
     auth_failure_delay_ms: u64,
     #[serde(default)]
     proxy_protocol: bool,
+    /// Peers whose PROXY headers are believed; default loopback only.
+    proxy_protocol_from: Option<Vec<String>>,
     #[serde(default = "default_max_buffered_bytes")]
     max_buffered_bytes: usize,
 }
@@ -168,6 +170,7 @@ impl Default for RawListener {
             shutdown_grace_secs: default_shutdown_grace(),
             auth_failure_delay_ms: default_auth_failure_delay(),
             proxy_protocol: false,
+            proxy_protocol_from: None,
             max_buffered_bytes: default_max_buffered_bytes(),
         }
     }
@@ -385,6 +388,8 @@ pub struct Listener {
     pub auth_failure_delay: Duration,
     /// Every connection starts with a PROXY protocol header (v1 or v2).
     pub proxy_protocol: bool,
+    /// The load balancers: the only peers whose PROXY headers are believed.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     /// Message bytes held in memory across all sessions at once.
     pub max_buffered_bytes: usize,
 }
@@ -393,7 +398,19 @@ impl Listener {
     /// Loopback peers and those in `allow` may send without AUTH.
     pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
         let ip = ip.to_canonical();
-        ip.is_loopback() || self.allow.iter().any(|net| net.contains(&ip))
+        ip.is_loopback() || self.is_allowed(ip)
+    }
+
+    /// Named in `allow` (the only trust an address from a PROXY header can have).
+    pub fn is_allowed(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allow.iter().any(|net| net.contains(&ip))
+    }
+
+    /// A peer whose PROXY header is believed.
+    pub fn may_send_proxy_header(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.proxy_protocol_from.iter().any(|net| net.contains(&ip))
     }
 }
 
@@ -654,6 +671,21 @@ fn expand_env(s: &str, at: &str, problems: &mut Vec<String>) -> Option<String> {
     }
 }
 
+/// Addresses or CIDR blocks, each bad entry named under `key`.
+fn networks(key: &str, list: &[String], problems: &mut Vec<String>) -> Vec<ipnet::IpNet> {
+    list.iter()
+        .filter_map(|a| {
+            let parsed = a
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            if parsed.is_err() {
+                problems.push(format!("{key}: {a:?} is not an address or CIDR block"));
+            }
+            parsed.ok()
+        })
+        .collect()
+}
+
 /// This machine's host name, for the EHLO to upstreams when no name is configured.
 fn system_host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -801,21 +833,14 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
         (None, None) => None,
     };
 
-    let allow = l
-        .allow
-        .iter()
-        .filter_map(|a| {
-            let parsed = a
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
-            if parsed.is_err() {
-                problems.push(format!(
-                    "listener.allow: {a:?} is not an address or CIDR block"
-                ));
-            }
-            parsed.ok()
-        })
-        .collect();
+    let proxy_protocol_from = match &l.proxy_protocol_from {
+        None => vec![
+            "127.0.0.0/8".parse().expect("a CIDR block"),
+            "::1/128".parse().expect("a CIDR block"),
+        ],
+        Some(list) => networks("listener.proxy_protocol_from", list, problems),
+    };
+    let allow = networks("listener.allow", &l.allow, problems);
 
     let mut users = Users::default();
     let mut projects = BTreeMap::new();
@@ -884,6 +909,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             shutdown_grace: Duration::from_secs(l.shutdown_grace_secs),
             auth_failure_delay: Duration::from_millis(l.auth_failure_delay_ms),
             proxy_protocol: l.proxy_protocol,
+            proxy_protocol_from,
             max_buffered_bytes: l.max_buffered_bytes,
         },
         users: Arc::new(users),

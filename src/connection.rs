@@ -33,7 +33,8 @@ pub enum ConnectionError {
 }
 
 /// How long a load balancer has to send its PROXY header.
-const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A v1 header is at most 107 bytes; a v2 header with the TLVs load balancers add fits too.
+const PROXY_HEADER_MAX: usize = 4096;
 
 enum Next<S> {
     Done,
@@ -61,28 +62,56 @@ pub async fn serve(
     let _ = tcp.set_nodelay(true);
     let state = shared.current();
     let listener = &state.config.listener;
-    let client = if listener.proxy_protocol {
-        let client = match read_proxy_header(&mut tcp).await? {
-            proxy::Header::Proxied(addr) => addr,
-            proxy::Header::Local => tcp_peer,
-        };
-        tracing::Span::current().record("client", tracing::field::display(client));
-        client
+    let (client, peer) = if listener.proxy_protocol {
+        // Only the load balancer's headers are believed: anyone else could name any address.
+        if !listener.may_send_proxy_header(tcp_peer.ip()) {
+            if shared.log_proxy_refusal(tcp_peer.ip().to_canonical()) {
+                tracing::warn!(
+                    peer = %tcp_peer,
+                    "refused: PROXY header from a peer not in proxy_protocol_from (logged once a minute per address)"
+                );
+            }
+            return Ok(());
+        }
+        match read_proxy_header(&mut tcp, listener.tls_handshake_timeout).await? {
+            // A named address is trusted only through `allow`: a header that says 127.0.0.1
+            // is not this machine, and gets no loopback trust.
+            proxy::Header::Proxied(addr) => {
+                let ip = addr.ip().to_canonical();
+                tracing::Span::current().record("client", tracing::field::display(addr));
+                let peer = Peer {
+                    trusted: listener.is_allowed(ip),
+                    loopback: false,
+                };
+                (addr, peer)
+            }
+            // UNKNOWN, v2 LOCAL, a non-TCP family: a client from outside the allow list
+            // (it may still authenticate), never the proxy's own address.
+            proxy::Header::Local => (
+                tcp_peer,
+                Peer {
+                    trusted: false,
+                    loopback: false,
+                },
+            ),
+        }
     } else {
-        tcp_peer
+        let ip = tcp_peer.ip().to_canonical();
+        let peer = Peer {
+            trusted: listener.is_trusted(ip),
+            loopback: ip.is_loopback(),
+        };
+        (tcp_peer, peer)
     };
     let peer_ip = client.ip().to_canonical();
-    let peer = Peer {
-        trusted: listener.is_trusted(peer_ip),
-        loopback: peer_ip.is_loopback(),
-    };
     // Outside the allow list a client may connect only to authenticate.
     if !peer.trusted && state.config.users.is_empty() {
         tracing::info!(client = %client, "refused: not in the allow list");
         server::refuse(tcp, Reply::PEER_NOT_ALLOWED).await;
         return Ok(());
     }
-    let Some(_slot) = shared.per_ip_slot(peer_ip, listener.max_connections_per_ip) else {
+    let Some(_slot) = shared.per_ip_slot(peer_ip, listener.max_connections_per_ip, peer.loopback)
+    else {
         tracing::info!(client = %client, "refused: too many connections from this address");
         server::refuse(tcp, Reply::TOO_MANY_FROM_PEER).await;
         return Ok(());
@@ -120,24 +149,37 @@ pub async fn serve(
 
 /// Reads exactly the PROXY header, peeking so that no byte of what follows (SMTP or a TLS
 /// handshake) is consumed.
-async fn read_proxy_header(tcp: &mut TcpStream) -> Result<proxy::Header, ConnectionError> {
+async fn read_proxy_header(
+    tcp: &mut TcpStream,
+    limit: Duration,
+) -> Result<proxy::Header, ConnectionError> {
     let read = async {
-        let mut peeked = vec![0u8; 1100];
+        // What is consumed is always header: bytes are taken off the socket only while the
+        // header is incomplete (all of them belong to it) or exactly up to its end. Peeking
+        // after consuming everything waits for new bytes, so a stalled peer costs no polling.
+        let mut got: Vec<u8> = Vec::new();
+        let mut peeked = vec![0u8; PROXY_HEADER_MAX];
         loop {
             let n = tcp.peek(&mut peeked).await?;
             if n == 0 {
                 return Err(ConnectionError::Proxy(proxy::ProxyError::closed()));
             }
-            if let Some((header, len)) = proxy::parse(&peeked[..n])? {
-                let mut consumed = vec![0u8; len];
+            let mut candidate = got.clone();
+            candidate.extend_from_slice(&peeked[..n]);
+            if let Some((header, len)) = proxy::parse(&candidate)? {
+                let mut consumed = vec![0u8; len - got.len()];
                 tcp.read_exact(&mut consumed).await?;
                 return Ok(header);
             }
-            // Incomplete: peek returns at once with the same bytes, so wait a little.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            if candidate.len() >= PROXY_HEADER_MAX {
+                return Err(ConnectionError::Proxy(proxy::ProxyError::too_long()));
+            }
+            let mut consumed = vec![0u8; n];
+            tcp.read_exact(&mut consumed).await?;
+            got = candidate;
         }
     };
-    match tokio::time::timeout(PROXY_HEADER_TIMEOUT, read).await {
+    match tokio::time::timeout(limit, read).await {
         Ok(result) => result,
         Err(_) => Err(ConnectionError::ProxyTimeout),
     }

@@ -25,6 +25,9 @@ impl ProxyError {
     pub fn closed() -> ProxyError {
         ProxyError("connection closed before the header")
     }
+    pub fn too_long() -> ProxyError {
+        ProxyError("header too long")
+    }
 }
 
 /// Parses a header at the start of `buf`: `Ok(None)` when more bytes are needed, else the

@@ -131,6 +131,8 @@ pub struct Shared {
     ready: AtomicBool,
     /// Message bytes held in memory by all sessions, against `max_buffered_bytes`.
     buffered: AtomicUsize,
+    /// When each refused PROXY peer was last logged, so a flood logs once a minute.
+    proxy_refusals: Mutex<HashMap<IpAddr, Instant>>,
 }
 
 /// Failures older than this are forgotten.
@@ -150,12 +152,17 @@ impl Shared {
             .clone()
     }
 
-    /// A connection slot for `ip`, if it has fewer than `limit`. Loopback is not limited: a
-    /// local app or load generator may open many.
-    pub fn per_ip_slot(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<PerIpSlot> {
+    /// A connection slot for `ip`, if it has fewer than `limit`. A real loopback peer
+    /// (`unlimited`) is not limited: a local app or load generator may open many.
+    pub fn per_ip_slot(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        limit: usize,
+        unlimited: bool,
+    ) -> Option<PerIpSlot> {
         let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
-        if *n >= limit && !ip.is_loopback() {
+        if *n >= limit && !unlimited {
             return None;
         }
         *n += 1;
@@ -176,6 +183,25 @@ impl Shared {
 
     fn release(&self, n: usize) {
         self.buffered.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Whether a refused PROXY peer should be logged now: once per address per minute.
+    pub fn log_proxy_refusal(&self, ip: IpAddr) -> bool {
+        let mut table = self
+            .proxy_refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if table.len() >= AUTH_FAILURE_TABLE {
+            table.retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+        }
+        match table.get(&ip) {
+            Some(at) if now.duration_since(*at) < Duration::from_secs(60) => false,
+            _ => {
+                table.insert(ip, now);
+                true
+            }
+        }
     }
 
     /// Records a failed AUTH from `ip`; returns its recent failure count.
@@ -245,6 +271,7 @@ impl Server {
                 per_ip: Mutex::default(),
                 ready: AtomicBool::new(false),
                 buffered: AtomicUsize::new(0),
+                proxy_refusals: Mutex::default(),
             }),
             listeners,
         })

@@ -88,18 +88,76 @@ async fn only_loopback_may_send_by_default() {
     let mut c = from(&relay, "203.0.113.5").await;
     assert!(c.expect(554).await.starts_with("554 5.7.1"));
     assert!(c.closed().await);
+    // A header that names a loopback address is not this machine: no loopback trust.
+    for named in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+        let mut c = Client::connect(relay.smtp).await;
+        let family = if named.contains(':') { "TCP6" } else { "TCP4" };
+        let dst = if named.contains(':') {
+            "::1"
+        } else {
+            "127.0.0.1"
+        };
+        c.send(&format!("PROXY {family} {named} {dst} 40000 25"))
+            .await;
+        let reply = c.expect(554).await;
+        assert!(reply.starts_with("554 5.7.1"), "{named}: {reply}");
+    }
+    // Neither do UNKNOWN and v2 LOCAL: they are clients from outside the allow list.
+    let mut c = Client::connect(relay.smtp).await;
+    c.send("PROXY UNKNOWN").await;
+    assert!(c.expect(554).await.starts_with("554 5.7.1"));
+    let mut c = Client::connect(relay.smtp).await;
+    c.send_raw(b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00").await;
+    assert!(c.expect(554).await.starts_with("554 5.7.1"));
+    assert!(up.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_named_loopback_address_is_trusted_only_when_allow_names_it() {
+    let up = Upstream::start(Script::default()).await;
+    let relay = Relay::start(&format!(
+        "[listener]\nsmtp = \"127.0.0.1:0\"\nproxy_protocol = true\nallow = [\"127.0.0.1\"]\n[server]\nsupportEmail = \"n@example.com\"\n[server.smtp]\nhost = \"127.0.0.1\"\nport = {}\n",
+        up.port()
+    ))
+    .await;
     let mut c = from(&relay, "127.0.0.1").await;
     c.expect(220).await;
-    assert!(
-        c.send_mail(
+    let reply = c
+        .send_mail(
             "a@app.example",
             &["x@dest.example"],
-            b"Subject: s\r\n\r\nhi\r\n"
+            b"Subject: s\r\n\r\nhi\r\n",
         )
-        .await
-        .starts_with("250")
-    );
-    assert_eq!(up.received().len(), 1);
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+}
+
+#[tokio::test]
+async fn only_the_load_balancer_may_send_a_proxy_header() {
+    let up = Upstream::start(Script::default()).await;
+    let config = |from: &str| {
+        format!(
+            "[listener]\nsmtp = \"127.0.0.1:0\"\nproxy_protocol = true\nallow = [\"203.0.113.0/24\"]\n{from}\n[server]\nsupportEmail = \"n@example.com\"\n[server.smtp]\nhost = \"127.0.0.1\"\nport = {}\n",
+            up.port()
+        )
+    };
+    // This peer (loopback) is not the load balancer: closed before the greeting, whatever
+    // its header says.
+    let relay = Relay::start(&config("proxy_protocol_from = [\"192.0.2.0/24\"]")).await;
+    let mut c = from(&relay, "203.0.113.5").await;
+    assert!(c.closed().await, "closed without a greeting");
+    // Named as the load balancer: its header is believed.
+    let relay = Relay::start(&config("proxy_protocol_from = [\"127.0.0.1/32\"]")).await;
+    let mut c = from(&relay, "203.0.113.5").await;
+    c.expect(220).await;
+    // A header that arrives in pieces, slowly, is waited for.
+    let mut c = Client::connect(relay.smtp).await;
+    for piece in ["PROXY TCP4 203.0", ".113.9 127.0.0.1 ", "40000 25\r\n"] {
+        c.send_raw(piece.as_bytes()).await;
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    }
+    c.expect(220).await;
+    c.cmd("EHLO me", 250).await;
 }
 
 #[tokio::test]
@@ -218,9 +276,12 @@ async fn failed_auth_is_slowed_down_and_then_disconnected() {
 
 #[tokio::test]
 async fn require_auth_applies_to_trusted_peers_too() {
-    let (relay, _acme, _server) = setup("require_auth = true\nallow_plaintext_auth = true").await;
-    let mut c = from(&relay, "127.0.0.1").await;
-    c.expect(220).await;
+    // A real loopback peer (a PROXY header naming 127.0.0.1 is not one).
+    let direct = Relay::start(
+        "[listener]\nsmtp = \"127.0.0.1:0\"\nrequire_auth = true\nallow_plaintext_auth = true\n[server.capture]\ndir = \"{dir}/outbox\"\n[server]\nsupportEmail = \"n@example.com\"\n[projects.beta]\nrelayUsername = \"beta-app\"\nrelayPassword = \"beta-pass\"\n",
+    )
+    .await;
+    let mut c = direct.client().await;
     let ehlo = c.cmd("EHLO me", 250).await;
     assert!(
         ehlo.contains("AUTH PLAIN LOGIN"),
@@ -235,6 +296,7 @@ async fn require_auth_applies_to_trusted_peers_too() {
         .await;
     c.cmd("MAIL FROM:<a@app.example>", 250).await;
     // Plaintext AUTH is for loopback only.
+    let (relay, _acme, _server) = setup("require_auth = true\nallow_plaintext_auth = true").await;
     let mut c = from(&relay, "198.51.100.11").await;
     c.expect(220).await;
     let ehlo = c.cmd("EHLO me", 250).await;
@@ -277,14 +339,15 @@ async fn connections_per_address_are_capped() {
 #[tokio::test]
 async fn proxy_protocol_v2_and_missing_headers() {
     let (relay, _acme, _server) = setup("").await;
-    // v2, TCP4 from 127.0.0.1: trusted, may send.
+    // v2, TCP4 from 127.0.0.1: a named loopback address is not this machine; it must
+    // authenticate like any client outside the allow list.
     let mut c = Client::connect(relay.smtp).await;
     let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
     header.extend_from_slice(&[127, 0, 0, 1, 127, 0, 0, 1, 0x9c, 0x40, 0, 25]);
     c.send_raw(&header).await;
     c.expect(220).await;
     c.cmd("EHLO me", 250).await;
-    c.cmd("MAIL FROM:<a@app.example>", 250).await;
+    c.cmd("MAIL FROM:<a@app.example>", 554).await;
     // v2 from a stranger: must authenticate.
     let mut c = Client::connect(relay.smtp).await;
     let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
