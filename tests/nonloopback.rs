@@ -6,23 +6,16 @@
 mod common;
 
 use common::netns::{HOST_ADDR, TestHost};
-use common::{Relay, Script, Upstream};
+use common::{Relay, Upstream};
 
 fn project(up: &Upstream, extra: &str) -> String {
     format!(
-        "[upstream]\nca_file = \"certs/ca.crt\"\ntimeout_secs = 5\n\n[projects.acme]\nsmtpHost = \"{HOST_ADDR}\"\nsmtpPort = {port}\nsmtpUsername = \"user-acme\"\nsmtpPassword = \"pw-acme\"\nsmtpFromAddress = \"noreply@acme.example\"\n{extra}\n",
-        port = up.port()
+        "[upstream]\nca_file = \"certs/ca.crt\"\ntimeout_secs = 5\n\n{}",
+        common::acme_project(&HOST_ADDR.to_string(), up.port(), extra)
     )
 }
 
-fn script(f: impl FnOnce(&mut Script)) -> Script {
-    let mut s = Script {
-        auth: vec![("user-acme".into(), "pw-acme".into())],
-        ..Script::default()
-    };
-    f(&mut s);
-    s
-}
+use common::acme_script as script;
 
 const MSG: &[u8] = b"X-Project-Id: acme\r\nSubject: s\r\n\r\nhi\r\n";
 

@@ -6,23 +6,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Relay, Script, Upstream};
+use common::{Relay, Upstream};
 
 fn project(up: &Upstream, extra: &str) -> String {
-    format!(
-        "[projects.acme]\nsmtpHost = \"127.0.0.1\"\nsmtpPort = {port}\nsmtpUsername = \"user-acme\"\nsmtpPassword = \"pw-acme\"\nsmtpFromAddress = \"noreply@acme.example\"\n{extra}\n",
-        port = up.port()
-    )
+    common::acme_project("127.0.0.1", up.port(), extra)
 }
 
-fn script(f: impl FnOnce(&mut Script)) -> Script {
-    let mut s = Script {
-        auth: vec![("user-acme".into(), "pw-acme".into())],
-        ..Script::default()
-    };
-    f(&mut s);
-    s
-}
+use common::acme_script as script;
 
 const MSG: &[u8] = b"X-Project-Id: acme\r\nSubject: s\r\n\r\nhi\r\n";
 

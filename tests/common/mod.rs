@@ -204,6 +204,24 @@ pub fn stuff(message: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Project `acme`'s table with its own relay at `host:port` (credentials `user-acme` /
+/// `pw-acme`), plus `extra` keys.
+pub fn acme_project(host: &str, port: u16, extra: &str) -> String {
+    format!(
+        "[projects.acme]\nsmtpHost = \"{host}\"\nsmtpPort = {port}\nsmtpUsername = \"user-acme\"\nsmtpPassword = \"pw-acme\"\nsmtpFromAddress = \"noreply@acme.example\"\n{extra}\n"
+    )
+}
+
+/// An upstream script that takes acme's credentials, edited by `f`.
+pub fn acme_script(f: impl FnOnce(&mut Script)) -> Script {
+    let mut s = Script {
+        auth: vec![("user-acme".into(), "pw-acme".into())],
+        ..Script::default()
+    };
+    f(&mut s);
+    s
+}
+
 /// A rustls client config trusting the shipped test CA.
 pub fn tls_client() -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
