@@ -559,46 +559,23 @@ impl Upstreams {
         settings: &Settings,
         permit: OwnedSemaphorePermit,
     ) -> Result<Conn, UpstreamError> {
-        match tokio::time::timeout(settings.timeout, connect(target, settings)).await {
-            Ok(Ok(session)) => {
-                crate::metrics::upstream_connection_opened(&target.host);
-                Ok(Conn {
-                    session,
-                    messages: 0,
-                    guard: Guard {
-                        upstream: target.host.as_str().into(),
-                        permit: Some(permit),
-                    },
-                })
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(UpstreamError::Timeout {
-                stage: Stage::Connect,
-                after_data: false,
-                detail: format!(
-                    "(connecting to port {} took over {}s)",
-                    target.port,
-                    settings.timeout.as_secs()
-                ),
-            }),
-        }
+        let session = connect_bounded(target, settings).await?;
+        crate::metrics::upstream_connection_opened(&target.host);
+        Ok(Conn {
+            session,
+            messages: 0,
+            guard: Guard {
+                upstream: target.host.as_str().into(),
+                permit: Some(permit),
+            },
+        })
     }
 
     /// Connects, negotiates TLS and authenticates, then QUITs: no mail is sent. Says what was
     /// checked.
     pub async fn probe(&self, target: &SmtpTarget) -> Result<String, UpstreamError> {
         let settings = self.settings();
-        let session = match tokio::time::timeout(settings.timeout, connect(target, &settings)).await
-        {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(UpstreamError::Timeout {
-                    stage: Stage::Connect,
-                    after_data: false,
-                    detail: format!("within {}s", settings.timeout.as_secs()),
-                });
-            }
-        };
+        let session = connect_bounded(target, &settings).await?;
         let tls = match (session.encrypted, target.tls) {
             (true, TlsMode::Implicit) => "TLS",
             (true, TlsMode::StartTls) => "TLS (STARTTLS)",
@@ -662,6 +639,25 @@ async fn attempt(
             stage: progress.stage,
             after_data: progress.data_sent,
             detail: format!("within {}s", deadline.as_secs()),
+        }),
+    }
+}
+
+/// `connect` within the upstream timeout.
+async fn connect_bounded(
+    target: &SmtpTarget,
+    settings: &Settings,
+) -> Result<Session, UpstreamError> {
+    match tokio::time::timeout(settings.timeout, connect(target, settings)).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamError::Timeout {
+            stage: Stage::Connect,
+            after_data: false,
+            detail: format!(
+                "(connecting to port {} took over {}s)",
+                target.port,
+                settings.timeout.as_secs()
+            ),
         }),
     }
 }
