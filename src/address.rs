@@ -79,6 +79,185 @@ pub fn parse_list(value: &[u8]) -> Option<Vec<Mailbox>> {
     Some(list)
 }
 
+/// The one mailbox of a From field, read strictly (RFC 5322 §3.4): `Some` only if the whole
+/// value is exactly one `mailbox` and nothing in it lets another reader see another address.
+/// A field that readers can read differently is one we must not forward, because which reader
+/// the receiving system, a DMARC filter or a webmail client uses is not ours to know. So
+/// beyond the grammar this refuses a route, white space or comments inside the address, a
+/// quoted or encoded-word local part, a domain literal, a non-ASCII address, a comment that
+/// holds address punctuation, and any field on which mail-parser reads another address.
+/// Encoded words count only in the display name.
+pub fn strict_mailbox(value: &[u8]) -> Option<Mailbox> {
+    let unfolded = unfold_strict(value)?;
+    let mut r = Strict {
+        s: unfolded.as_bytes(),
+        i: 0,
+    };
+    let (named, address) = r.mailbox()?;
+    let mut lenient = parse_list(value)?;
+    let other = lenient.pop().filter(|_| lenient.is_empty())?;
+    if other.address != address {
+        return None;
+    }
+    Some(Mailbox {
+        name: other.name.filter(|_| named),
+        address,
+    })
+}
+
+/// The field value without its folding: every line break must be CRLF followed by white space
+/// (FWS), and no other control character than a tab may appear.
+fn unfold_strict(value: &[u8]) -> Option<String> {
+    let value = value.strip_suffix(b"\r\n").unwrap_or(value);
+    let text = std::str::from_utf8(value).ok()?;
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(['\r', '\n']) {
+        let (line, tail) = rest.split_at(at);
+        let tail = tail.strip_prefix("\r\n")?;
+        if !tail.starts_with([' ', '\t']) {
+            return None;
+        }
+        out.push_str(line);
+        rest = tail;
+    }
+    out.push_str(rest);
+    (!out.chars().any(|c| c.is_control() && c != '\t')).then_some(out)
+}
+
+/// A cursor over an unfolded From value, for [`strict_mailbox`].
+struct Strict<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+/// `atext` (RFC 5322 §3.2.3), with the UTF-8 of RFC 6532 for display names.
+fn is_atext(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b) || b >= 0x80
+}
+
+impl Strict<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.i).copied()
+    }
+
+    fn at_end(&self) -> bool {
+        self.i == self.s.len()
+    }
+
+    /// `[CFWS]`: white space and comments. A comment may hold only plain words, since some
+    /// readers take a comment for a display name and others for the address.
+    fn cfws(&mut self) -> Option<()> {
+        loop {
+            match self.peek() {
+                Some(b' ' | b'\t') => self.i += 1,
+                Some(b'(') => {
+                    let len = self.s[self.i..].iter().position(|&b| b == b')')?;
+                    let inner = &self.s[self.i + 1..self.i + len];
+                    if inner.iter().any(|b| b"()<>@,;:\\\"[]".contains(b)) {
+                        return None;
+                    }
+                    self.i += len + 1;
+                }
+                _ => return Some(()),
+            }
+        }
+    }
+
+    fn atom(&mut self) -> &[u8] {
+        let start = self.i;
+        while self.peek().is_some_and(is_atext) {
+            self.i += 1;
+        }
+        &self.s[start..self.i]
+    }
+
+    /// `dot-atom-text`, ASCII only, and not an encoded word (`=?`), which some readers decode.
+    fn dot_atom_text(&mut self) -> Option<&str> {
+        let start = self.i;
+        loop {
+            if self.atom().is_empty() {
+                return None;
+            }
+            if self.peek() != Some(b'.') {
+                break;
+            }
+            self.i += 1;
+        }
+        let text = std::str::from_utf8(&self.s[start..self.i]).ok()?;
+        (text.is_ascii() && !text.contains("=?")).then_some(text)
+    }
+
+    fn addr_spec(&mut self) -> Option<String> {
+        let local = self.dot_atom_text()?.to_owned();
+        if self.peek() != Some(b'@') {
+            return None;
+        }
+        self.i += 1;
+        let domain = self.dot_atom_text()?;
+        (local.len() <= 64 && domain.len() <= 255).then(|| format!("{local}@{domain}"))
+    }
+
+    /// `quoted-string` (a display name word): qtext, quoted pairs of a visible character or
+    /// white space, and white space.
+    fn quoted_string(&mut self) -> Option<()> {
+        self.i += 1;
+        loop {
+            match self.peek()? {
+                b'"' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                b'\\' => {
+                    let next = *self.s.get(self.i + 1)?;
+                    if !(next == b' ' || next == b'\t' || next.is_ascii_graphic() || next >= 0x80) {
+                        return None;
+                    }
+                    self.i += 2;
+                }
+                _ => self.i += 1,
+            }
+        }
+    }
+
+    /// `mailbox = name-addr / addr-spec`, spanning the whole value. Returns whether it has a
+    /// display name, and the address. `phrase` takes the obsolete dots of §4.1
+    /// (`John Q. Public`), which cannot change the address.
+    fn mailbox(&mut self) -> Option<(bool, String)> {
+        self.cfws()?;
+        let start = self.i;
+        if let Some(address) = self.addr_spec() {
+            self.cfws()?;
+            if self.at_end() {
+                return Some((false, address));
+            }
+        }
+        self.i = start;
+        let mut words = 0;
+        loop {
+            match self.peek()? {
+                b'<' => break,
+                b'"' => self.quoted_string()?,
+                b'.' if words > 0 => self.i += 1,
+                b if is_atext(b) => {
+                    self.atom();
+                }
+                _ => return None,
+            }
+            words += 1;
+            self.cfws()?;
+        }
+        self.i += 1;
+        let address = self.addr_spec()?;
+        if self.peek() != Some(b'>') {
+            return None;
+        }
+        self.i += 1;
+        self.cfws()?;
+        self.at_end().then_some((words > 0, address))
+    }
+}
+
 /// Parses exactly one mailbox with a plausible address, as config values need.
 pub fn parse_one(value: &str) -> Option<Mailbox> {
     if value.chars().any(|c| c.is_control()) {
@@ -250,6 +429,76 @@ mod tests {
             parse_list(b" a@x.example, b@x.example\r\n").unwrap().len(),
             2
         );
+    }
+
+    #[test]
+    fn strict_from_keeps_one_plain_mailbox() {
+        let addr = |v: &str| strict_mailbox(v.as_bytes()).map(|m| (m.name, m.address));
+        let alice =
+            |name: Option<&str>| Some((name.map(str::to_owned), "alice@acme.example".into()));
+        assert_eq!(addr(" alice@acme.example\r\n"), alice(None));
+        assert_eq!(addr(" <alice@acme.example>"), alice(None));
+        assert_eq!(addr(" Alice <alice@acme.example>"), alice(Some("Alice")));
+        assert_eq!(
+            addr(" \"Al, ice\" <alice@acme.example>"),
+            alice(Some("Al, ice"))
+        );
+        assert_eq!(
+            addr(" John Q. Public <alice@acme.example>"),
+            alice(Some("John Q. Public"))
+        );
+        assert_eq!(
+            addr(" =?UTF-8?B?SsO2cmc=?=\r\n <alice@acme.example>\r\n"),
+            alice(Some("Jörg"))
+        );
+        // A display name that looks like an address is only a display name.
+        assert_eq!(
+            addr(" \"bob@evil.example\" <alice@acme.example>"),
+            alice(Some("bob@evil.example"))
+        );
+        assert_eq!(
+            addr(" =?utf-8?q?bob=40evil.example?= <alice@acme.example>"),
+            alice(Some("bob@evil.example"))
+        );
+        // A comment of plain words is no display name of ours.
+        assert_eq!(addr(" alice@acme.example (Alice)"), alice(None));
+    }
+
+    #[test]
+    fn strict_from_refuses_what_readers_can_read_differently() {
+        for value in [
+            " evil@evil.example <alice@acme.example>",
+            " Alice <alice@acme.example",
+            " <alice@acme.example> evil@evil.example",
+            " <alice@acme.example> =?utf-8?q?x?=",
+            " <alice@acme.example>>",
+            " =?utf-8?q?alice?=@acme.example",
+            " <=?utf-8?q?evil?=@acme.example>",
+            " alice@acme.example, <>",
+            " alice@acme.example,",
+            " , alice@acme.example",
+            " team: alice@acme.example;",
+            " <@evil.example:alice@acme.example>",
+            " (evil@evil.example) alice@acme.example",
+            " alice@acme.example (<evil@evil.example>)",
+            " Alice <alice@acme.example> (a (nested) comment)",
+            " Alice <alice @acme.example>",
+            " Alice <alice@acme.example (c)>",
+            " \"alice\"@acme.example",
+            " alice@[10.0.0.1]",
+            " \"alice@acme.example\" evil@evil.example",
+            " alice@acme.example\nBcc: evil@evil.example",
+            " alice@acme.example\r\nBcc: evil@evil.example",
+            " alice@acme.example\r",
+            " Al\0ice <alice@acme.example>",
+            " alice@acmé.example",
+            " .Alice <alice@acme.example>",
+            " \"Alice <alice@acme.example>",
+            "",
+            " ",
+        ] {
+            assert_eq!(strict_mailbox(value.as_bytes()), None, "{value:?}");
+        }
     }
 
     #[test]

@@ -339,13 +339,10 @@ fn server_route(config: &Config) -> Result<Route<'_>, Reply> {
     ))
 }
 
-/// The caller's From, if it holds exactly one address and that address is approved.
+/// The caller's From, if the field is exactly one mailbox (read strictly) and its address is
+/// approved.
 fn approved_sender(value: &[u8], approved: &ApprovedList) -> Option<Mailbox> {
-    let mut list = address::parse_list(value)?;
-    if list.len() != 1 {
-        return None;
-    }
-    let mb = list.pop()?;
+    let mb = address::strict_mailbox(value)?;
     (address::is_plausible_address(&mb.address) && approved.contains(&mb.address)).then_some(mb)
 }
 
@@ -581,6 +578,26 @@ smtpUsername = "u"
         .unwrap();
         assert_eq!(out.matches("From:").count(), 1);
         assert!(out.starts_with("From: Acme <noreply@acme.example>"));
+    }
+
+    #[test]
+    fn a_from_readers_can_read_differently_is_replaced() {
+        let c = config("");
+        for from in [
+            "evil@evil.example <alice@acme.example>",
+            "alice@acme.example, <>",
+            "Alice <alice@acme.example",
+            "<alice@acme.example> evil@evil.example",
+            "(evil@evil.example) alice@acme.example",
+        ] {
+            let msg = format!("X-Project-Id: acme\r\nFrom: {from}\r\n\r\nb\r\n");
+            let (d, out) = run(&c, &msg).unwrap();
+            assert_eq!(d.from_decision, FromDecision::Replaced, "{from}");
+            assert_eq!(
+                out, "From: Acme <noreply@acme.example>\r\n\r\nb\r\n",
+                "{from}"
+            );
+        }
     }
 
     #[test]

@@ -9,6 +9,9 @@ use project_relay::smtp::command::{self, Command};
 use project_relay::smtp::data::{DataReader, MAX_LINE};
 use proptest::prelude::*;
 
+#[path = "common/rfc5322.rs"]
+mod rfc5322;
+
 fn stuff(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut start = true;
@@ -208,5 +211,80 @@ proptest! {
     fn since_parsing_never_panics(t in any::<String>(), prefix in "[0-9T:-]{0,12}") {
         let _ = project_relay::capture::sortable_time(&t);
         let _ = project_relay::capture::sortable_time(&format!("{prefix}{t}"));
+    }
+}
+
+/// Pieces of From values that readers are known to disagree on, to be strung together.
+fn from_value() -> impl Strategy<Value = String> {
+    let piece = prop::sample::select(vec![
+        "alice@acme.example",
+        "bob@acme.example",
+        "evil@evil.example",
+        "<alice@acme.example>",
+        "<bob@acme.example>",
+        "<evil@evil.example>",
+        "Alice",
+        "\"Al, ice\"",
+        "\"bob@acme.example\"",
+        "=?UTF-8?B?SsO2cmc=?=",
+        "=?utf-8?q?evil=40evil.example?=",
+        "(c)",
+        "(evil@evil.example)",
+        "(",
+        ")",
+        ",",
+        "<",
+        ">",
+        " ",
+        "\r\n ",
+        ":",
+        ";",
+        "@",
+        "\"",
+        ".",
+        "<>",
+        "\\",
+        "[10.0.0.1]",
+        "alice",
+        "acme.example",
+        "\t",
+        "Q.",
+    ]);
+    prop::collection::vec(piece, 1..8).prop_map(|p| p.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    /// Every From the relay keeps (or keeps and names) reads, under a strict RFC 5322 reader
+    /// written apart from the relay, as exactly one mailbox: the approved address that also
+    /// goes upstream as MAIL FROM.
+    #[test]
+    fn a_kept_from_is_exactly_the_approved_mailbox_to_a_strict_reader(
+        value in prop_oneof![from_value(), "[ -~]{0,40}"],
+        named in any::<bool>(),
+    ) {
+        let config = if named { format!("{CONFIG}appName = \"Acme App\"\n") } else { CONFIG.to_owned() };
+        let config = Config::from_toml_str(&config, Path::new(".")).unwrap();
+        let msg = format!("X-Project-Id: acme\r\nFrom: {value}\r\nSubject: s\r\n\r\nbody\r\n");
+        let Ok(d) = policy::decide(&config, msg.as_bytes(), None) else { return Ok(()) };
+        let head = d.assemble(msg.as_bytes());
+        let head = String::from_utf8_lossy(&head);
+        let field = head.split("\r\nSubject:").next().unwrap();
+        let from = field.strip_prefix("From:").unwrap_or_else(|| panic!("{head}"));
+        let strict = rfc5322::mailbox_list(from.as_bytes());
+        match d.from_decision {
+            policy::FromDecision::Kept | policy::FromDecision::KeptNamed => {
+                let strict = strict.unwrap_or_else(|| panic!("kept {from:?}, not RFC 5322"));
+                prop_assert_eq!(strict.len(), 1, "{:?}", from);
+                prop_assert!(strict[0].address.eq_ignore_ascii_case(&d.envelope_from));
+                prop_assert!(["alice@acme.example", "bob@acme.example"].iter().any(|a| a.eq_ignore_ascii_case(&d.envelope_from)));
+            }
+            _ => {
+                // The default From went instead, and it reads as one mailbox too.
+                prop_assert_eq!(d.envelope_from.as_str(), "noreply@acme.example");
+                prop_assert_eq!(strict.map(|l| l.len()), Some(1), "{:?}", from);
+            }
+        }
     }
 }

@@ -142,6 +142,24 @@ async fn approved_from_matches_case_insensitively_and_keeps_its_name() {
 }
 
 #[tokio::test]
+async fn a_from_strict_readers_read_as_another_address_is_replaced() {
+    let (relay, project, _server) = setup("").await;
+    // mail-parser reads alice (approved); a strict RFC 5322 reader reads evil, or nothing.
+    let msg = "X-Project-Id: acme\r\nFrom: evil@evil.example <alice@acme.example>\r\nSubject: s\r\n\r\nhi\r\n";
+    let mut c = relay.client().await;
+    let reply = c
+        .send_mail("alice@acme.example", &["x@dest.example"], msg.as_bytes())
+        .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let got = project.received();
+    assert_eq!(got[0].mail_from, "noreply@acme.example");
+    assert_eq!(
+        String::from_utf8_lossy(&got[0].data),
+        "From: Acme <noreply@acme.example>\r\nSubject: s\r\n\r\nhi\r\n"
+    );
+}
+
+#[tokio::test]
 async fn missing_from_is_added_and_several_become_one() {
     let (relay, project, _server) = setup("").await;
     let mut c = relay.client().await;
