@@ -12,6 +12,8 @@ use serde::Deserialize;
 use toml::Value;
 
 use crate::address::{self, ApprovedList, Mailbox};
+use crate::project::{self, Entry, ProjectSecrets, Secrets};
+pub use crate::project::{ProjectRelay, ProjectSmtp, SecretKey, SmtpTarget, TlsMode};
 use crate::smtp::auth::Users;
 
 /// A password or key: never printed by `Debug` or `Display`.
@@ -45,14 +47,21 @@ impl<'de> Deserialize<'de> for Secret {
 
 /// `"a@x, b@y"` or `["a@x", "b@y"]`.
 fn address_list(value: &Value) -> Option<ApprovedList> {
+    project::approved_list(entry(value))
+}
+
+/// A TOML value as a spec secret entry, for the source-neutral rules in `project`.
+fn entry(value: &Value) -> Entry<'_> {
     match value {
-        Value::String(s) => Some(ApprovedList::from_entries([s.as_str()])),
+        Value::String(s) => Entry::Text(s),
+        Value::Integer(n) => Entry::Integer(*n),
+        Value::Boolean(b) => Entry::Boolean(*b),
         Value::Array(items) => items
             .iter()
             .map(Value::as_str)
             .collect::<Option<Vec<_>>>()
-            .map(ApprovedList::from_entries),
-        _ => None,
+            .map_or(Entry::Other, Entry::Texts),
+        _ => Entry::Other,
     }
 }
 
@@ -73,6 +82,66 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     log: RawLog,
+    medplum: Option<RawMedplum>,
+}
+
+/// `[medplum]`: the Medplum server that holds project secrets.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMedplum {
+    base_url: String,
+    token_url: Option<String>,
+    ca_file: Option<PathBuf>,
+    #[serde(default = "default_timeout_secs")]
+    timeout_secs: u64,
+    #[serde(default = "default_refresh_secs")]
+    refresh_secs: u64,
+    #[serde(default = "default_max_stale_secs")]
+    max_stale_secs: u64,
+    client_id: Option<String>,
+    client_secret: Option<Secret>,
+    #[serde(default, rename = "client_secret_file")]
+    _client_secret_file: Option<serde::de::IgnoredAny>,
+}
+
+fn default_refresh_secs() -> u64 {
+    60
+}
+
+fn default_max_stale_secs() -> u64 {
+    600
+}
+
+/// A Medplum URL: `https://`, or `http://` to this machine only (a local Medplum in
+/// development and tests), so client secrets never cross a network in clear.
+fn medplum_url(key: &str, url: &str, problems: &mut Vec<String>) -> String {
+    let url = url.trim();
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.rsplit_once('@').map_or(authority, |(_, h)| h) {
+        h if h.starts_with('[') => h
+            .split(']')
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches('['),
+        h => h.split(':').next().unwrap_or_default(),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match scheme.to_ascii_lowercase().as_str() {
+        _ if host.is_empty() || authority.contains('@') => {
+            problems.push(format!("{key}: must be a URL such as https://api.medplum.com/"))
+        }
+        "https" => {}
+        "http" if loopback => {}
+        "http" => problems.push(format!(
+            "{key}: must be https:// (http:// only to localhost): client secrets must not cross a network in clear"
+        )),
+        _ => problems.push(format!("{key}: must be a URL such as https://api.medplum.com/")),
+    }
+    url.to_owned()
 }
 
 #[derive(Deserialize, Default)]
@@ -340,6 +409,13 @@ struct RawProject {
     /// Capture this project's mail to this folder instead of sending it (staging).
     #[serde(rename = "captureDir")]
     capture_dir: Option<Value>,
+    /// The project's own admin ClientApplication in Medplum: its secrets are read there.
+    #[serde(rename = "medplumClientId")]
+    medplum_client_id: Option<String>,
+    #[serde(rename = "medplumClientSecret")]
+    medplum_client_secret: Option<Secret>,
+    #[serde(default, rename = "medplumClientSecretFile")]
+    _medplum_client_secret_file: Option<serde::de::IgnoredAny>,
     // Read by `resolve_values` into the secret they name; here only so the keys are known.
     #[serde(default, rename = "smtpPasswordFile")]
     _smtp_password_file: Option<serde::de::IgnoredAny>,
@@ -363,6 +439,8 @@ pub struct Config {
     pub server: Server,
     pub upstream: Upstream,
     pub projects: BTreeMap<String, Project>,
+    /// `[medplum]`, when project secrets are read there.
+    pub medplum: Option<Medplum>,
 }
 
 #[derive(Debug, Clone)]
@@ -435,64 +513,6 @@ pub enum Provider {
     Capture(PathBuf),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TlsMode {
-    /// Implicit TLS from the first byte (`secure = true`, or port 465 when unset).
-    Implicit,
-    /// STARTTLS when the upstream offers it.
-    StartTls,
-}
-
-impl TlsMode {
-    fn infer(secure: Option<bool>, port: u16) -> TlsMode {
-        if secure.unwrap_or(port == 465) {
-            TlsMode::Implicit
-        } else {
-            TlsMode::StartTls
-        }
-    }
-}
-
-impl fmt::Display for TlsMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            TlsMode::Implicit => "tls",
-            TlsMode::StartTls => "starttls",
-        })
-    }
-}
-
-/// One upstream SMTP relay and the credentials to use there.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SmtpTarget {
-    pub host: String,
-    pub port: u16,
-    pub tls: TlsMode,
-    pub credentials: Option<(String, SecretKey)>,
-}
-
-/// A secret usable as part of a pool key: equal secrets share a pool, changed ones do not.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct SecretKey(String);
-
-impl SecretKey {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for SecretKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl fmt::Display for SmtpTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{} ({})", self.host, self.port, self.tls)
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub ca_file: Option<PathBuf>,
@@ -509,28 +529,52 @@ pub struct Upstream {
     pub max_messages_per_connection: u32,
 }
 
+/// A project the file names: where its secrets come from, and the relay-local settings.
 #[derive(Debug, Clone)]
 pub struct Project {
-    pub app_name: Option<String>,
-    pub smtp: ProjectSmtp,
+    pub source: Source,
     /// Capture this project's mail here instead of sending it.
     pub capture_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
-pub enum ProjectSmtp {
-    /// No `smtpHost`: the project's mail uses the server provider.
-    None,
-    Active(ProjectRelay),
-    /// `smtpHost` set but entries missing or invalid: `(entry, why)` for each.
-    Misconfigured(Vec<(&'static str, String)>),
+impl Project {
+    /// The secrets written in the project's table, if that is where they come from.
+    pub fn file_secrets(&self) -> Option<&ProjectSecrets> {
+        match &self.source {
+            Source::File(s) => Some(s),
+            Source::Medplum(_) => None,
+        }
+    }
 }
 
+/// Where a project's secrets come from: exactly one place.
 #[derive(Debug, Clone)]
-pub struct ProjectRelay {
-    pub target: SmtpTarget,
-    pub from: Mailbox,
-    pub approved: ApprovedList,
+pub enum Source {
+    /// The spec's secrets written in the project's table.
+    File(Secrets),
+    /// Read live from Medplum with this client (`None`: the fleet credential).
+    Medplum(Option<MedplumClient>),
+}
+
+/// A Medplum ClientApplication's client-credentials pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MedplumClient {
+    pub client_id: String,
+    pub client_secret: Secret,
+}
+
+/// `[medplum]`: where project secrets are read live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Medplum {
+    /// Ends with `/`.
+    pub base_url: String,
+    pub token_url: String,
+    pub ca_file: Option<PathBuf>,
+    pub timeout: Duration,
+    pub refresh: Duration,
+    pub max_stale: Duration,
+    /// A super-admin client: any project id without a table is looked up with it.
+    pub fleet: Option<MedplumClient>,
 }
 
 // ----- errors -----
@@ -606,6 +650,8 @@ const FILE_SECRETS: &[(&str, &str)] = &[
     ("relayPasswordFile", "relayPassword"),
     ("password_file", "password"),
     ("token_file", "token"),
+    ("client_secret_file", "client_secret"),
+    ("medplumClientSecretFile", "medplumClientSecret"),
 ];
 
 /// Fills in `"${VAR}"` string values from the environment and `*File` secrets from their
@@ -809,7 +855,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
                 problems.push("server.smtp.port: must be 1..65535".into());
             }
             let credentials = match (smtp.username, smtp.password) {
-                (Some(u), Some(p)) => Some((u, SecretKey(p.expose().to_owned()))),
+                (Some(u), Some(p)) => Some((u, SecretKey::new(p.expose()))),
                 (None, None) => None,
                 (Some(_), None) => {
                     problems
@@ -842,6 +888,58 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
     };
     let allow = networks("listener.allow", &l.allow, problems);
 
+    let medplum = raw.medplum.map(|m| {
+        let base_url = medplum_url("medplum.base_url", &m.base_url, problems);
+        let base_url = if base_url.ends_with('/') {
+            base_url
+        } else {
+            format!("{base_url}/")
+        };
+        let token_url = match &m.token_url {
+            Some(t) => medplum_url("medplum.token_url", t, problems),
+            None => format!("{base_url}oauth2/token"),
+        };
+        for (key, value) in [
+            ("medplum.timeout_secs", m.timeout_secs),
+            ("medplum.refresh_secs", m.refresh_secs),
+            ("medplum.max_stale_secs", m.max_stale_secs),
+        ] {
+            if value == 0 {
+                problems.push(format!("{key}: must be at least 1"));
+            }
+        }
+        let fleet = match (m.client_id, m.client_secret) {
+            (Some(id), Some(secret)) if !id.trim().is_empty() && !secret.expose().is_empty() => {
+                Some(MedplumClient {
+                    client_id: id.trim().to_owned(),
+                    client_secret: secret,
+                })
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                problems.push("medplum.client_secret: required with medplum.client_id".into());
+                None
+            }
+            (None, Some(_)) => {
+                problems.push("medplum.client_id: required with medplum.client_secret".into());
+                None
+            }
+            _ => {
+                problems.push("medplum.client_id, medplum.client_secret: must not be empty".into());
+                None
+            }
+        };
+        Medplum {
+            base_url,
+            token_url,
+            ca_file: m.ca_file.map(|p| resolve(base, p)),
+            timeout: Duration::from_secs(m.timeout_secs),
+            refresh: Duration::from_secs(m.refresh_secs),
+            max_stale: Duration::from_secs(m.max_stale_secs),
+            fleet,
+        }
+    });
+
     let mut users = Users::default();
     let mut projects = BTreeMap::new();
     for (name, mut p) in raw.projects {
@@ -863,9 +961,14 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             &mut users,
             problems,
         );
-        let mut project = validate_project(p);
-        project.capture_dir = capture_dir;
-        projects.insert(name, project);
+        let source = project_source(&name, p, medplum.as_ref(), problems);
+        projects.insert(
+            name,
+            Project {
+                source,
+                capture_dir,
+            },
+        );
     }
     if l.require_auth && users.is_empty() {
         problems
@@ -929,6 +1032,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             max_messages_per_connection: raw.upstream.max_messages_per_connection,
         },
         projects,
+        medplum,
     }
 }
 
@@ -972,175 +1076,96 @@ fn relay_user(
     }
 }
 
-/// The spec's rules for a project's secrets, with every bad entry named.
-fn validate_project(p: RawProject) -> Project {
-    let mut bad: Vec<(&'static str, String)> = Vec::new();
-    let app_name = match &p.app_name {
-        Some(Value::String(s)) if !s.chars().any(char::is_control) => {
-            Some(s.trim().to_owned()).filter(|s| !s.is_empty())
-        }
-        Some(_) => {
-            bad.push((
-                "appName",
-                "must be a string without control characters".into(),
+/// Where a project's secrets come from, and (for a file project) what they say. Giving one
+/// project two sources is a load error: which one wins would be a guess.
+fn project_source(
+    name: &str,
+    p: RawProject,
+    medplum: Option<&Medplum>,
+    problems: &mut Vec<String>,
+) -> Source {
+    let spec: Vec<(&'static str, &Value)> = [
+        ("smtpHost", &p.smtp_host),
+        ("smtpPort", &p.smtp_port),
+        ("smtpUsername", &p.smtp_username),
+        ("smtpPassword", &p.smtp_password),
+        ("smtpSecure", &p.smtp_secure),
+        ("smtpFromAddress", &p.smtp_from_address),
+        ("smtpApprovedSenders", &p.smtp_approved_senders),
+        ("appName", &p.app_name),
+    ]
+    .into_iter()
+    .filter_map(|(key, v)| v.as_ref().map(|v| (key, v)))
+    .collect();
+    let key = format!("projects.{name}");
+    match (p.medplum_client_id, p.medplum_client_secret) {
+        (Some(_), _) if !spec.is_empty() => {
+            problems.push(format!(
+                "{key}: medplumClientId and {} are both set; a project's secrets come from relay.toml or from Medplum, not both",
+                spec[0].0
             ));
-            None
+            Source::Medplum(None)
         }
-        None => None,
-    };
-    let Some(host) = &p.smtp_host else {
-        return Project {
-            app_name,
-            smtp: ProjectSmtp::None,
-            capture_dir: None,
-        };
-    };
-
-    let mut required_string = |name: &'static str, v: &Option<Value>| -> Option<String> {
-        match v {
-            None => {
-                bad.push((name, "missing".into()));
-                None
-            }
-            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
-            Some(Value::String(_)) => {
-                bad.push((name, "empty".into()));
-                None
-            }
-            Some(_) => {
-                bad.push((name, "must be a string".into()));
-                None
-            }
+        (Some(_), _) if medplum.is_none() => {
+            problems.push(format!(
+                "{key}.medplumClientId: needs a [medplum] table with base_url"
+            ));
+            Source::Medplum(None)
         }
-    };
-    let host = required_string("smtpHost", &Some(host.clone()));
-    let username = required_string("smtpUsername", &p.smtp_username);
-    // The password is compared as written: leading spaces may be part of it.
-    let password = match &p.smtp_password {
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        Some(Value::String(_)) => {
-            bad.push(("smtpPassword", "empty".into()));
-            None
+        (Some(id), Some(secret)) if !id.trim().is_empty() && !secret.expose().is_empty() => {
+            Source::Medplum(Some(MedplumClient {
+                client_id: id.trim().to_owned(),
+                client_secret: secret,
+            }))
         }
-        Some(_) => {
-            bad.push(("smtpPassword", "must be a string".into()));
-            None
+        (Some(id), Some(_)) if !id.trim().is_empty() => {
+            problems.push(format!("{key}.medplumClientSecret: must not be empty"));
+            Source::Medplum(None)
         }
-        None => {
-            bad.push(("smtpPassword", "missing".into()));
-            None
+        (Some(_), Some(_)) => {
+            problems.push(format!("{key}.medplumClientId: must not be empty"));
+            Source::Medplum(None)
         }
-    };
-    let port = match &p.smtp_port {
-        Some(Value::Integer(n)) if (1..=65535).contains(n) => Some(*n as u16),
-        Some(_) => {
-            bad.push(("smtpPort", "must be an integer in 1..65535".into()));
-            None
+        (Some(_), None) => {
+            problems.push(format!(
+                "{key}.medplumClientSecret: required with medplumClientId (or medplumClientSecretFile)"
+            ));
+            Source::Medplum(None)
         }
-        None => {
-            bad.push(("smtpPort", "missing".into()));
-            None
+        (None, Some(_)) => {
+            problems.push(format!(
+                "{key}.medplumClientId: required with medplumClientSecret"
+            ));
+            Source::Medplum(None)
         }
-    };
-    let secure = match &p.smtp_secure {
-        None => None,
-        Some(Value::Boolean(b)) => Some(*b),
-        Some(_) => {
-            bad.push(("smtpSecure", "must be true or false".into()));
-            None
+        (None, None) if spec.is_empty() && medplum.is_some_and(|m| m.fleet.is_some()) => {
+            Source::Medplum(None)
         }
-    };
-    let from = match &p.smtp_from_address {
-        None => {
-            bad.push(("smtpFromAddress", "missing".into()));
-            None
-        }
-        Some(Value::String(s)) => {
-            let mb = address::parse_one(s);
-            if mb.is_none() {
-                bad.push(("smtpFromAddress", "must be one email address".into()));
-            }
-            mb
-        }
-        Some(_) => {
-            bad.push(("smtpFromAddress", "must be a string".into()));
-            None
-        }
-    };
-    let approved = match &p.smtp_approved_senders {
-        None => Some(ApprovedList::default()),
-        Some(v) => {
-            let list = address_list(v);
-            if list.is_none() {
-                bad.push((
-                    "smtpApprovedSenders",
-                    "must be a comma-separated string or an array of strings".into(),
-                ));
-            }
-            list
-        }
-    };
-
-    let smtp = match (host, port, username, password, from, approved) {
-        (Some(host), Some(port), Some(user), Some(pass), Some(from), Some(approved))
-            if bad.is_empty() =>
-        {
-            ProjectSmtp::Active(ProjectRelay {
-                target: SmtpTarget {
-                    host,
-                    port,
-                    tls: TlsMode::infer(secure, port),
-                    credentials: Some((user, SecretKey(pass))),
-                },
-                from,
-                approved,
-            })
-        }
-        _ => ProjectSmtp::Misconfigured(bad),
-    };
-    Project {
-        app_name,
-        smtp,
-        capture_dir: None,
-    }
-}
-
-impl ProjectSmtp {
-    /// The entry names for the client's 4.3.5 reply.
-    pub fn bad_entries(&self) -> Vec<String> {
-        match self {
-            ProjectSmtp::Misconfigured(bad) => bad.iter().map(|(n, _)| (*n).to_owned()).collect(),
-            _ => Vec::new(),
-        }
+        (None, None) => Source::File(Arc::new(project::build(|name| {
+            spec.iter().find(|(n, _)| *n == name).map(|(_, v)| entry(v))
+        }))),
     }
 }
 
 impl Config {
-    /// One line per project for `check`: how its mail would travel, or what is wrong.
+    /// One line per file project for `check`: how its mail would travel, or what is wrong.
+    /// Medplum projects are left out: their secrets are read, not written here.
     pub fn check_report(&self) -> Vec<(String, Result<String, String>)> {
         self.projects
             .iter()
-            .map(|(name, p)| {
-                let line = match &p.smtp {
-                    _ if !self.server.allow_project_smtp => {
-                        Ok("server transport (allowProjectSmtp = false)".to_owned())
-                    }
-                    ProjectSmtp::None => Ok("server transport".to_owned()),
-                    ProjectSmtp::Active(r) => Ok(format!(
-                        "ok: smtp via {}:{} ({})",
-                        r.target.host, r.target.port, r.target.tls
-                    )),
-                    ProjectSmtp::Misconfigured(bad) => Err(format!(
-                        "error: {}",
-                        bad.iter()
-                            .map(|(n, why)| format!("{n} {why}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )),
-                };
-                (name.clone(), line)
+            .filter_map(|(name, p)| match &p.source {
+                Source::File(secrets) => Some((name.clone(), self.describe(secrets))),
+                Source::Medplum(_) => None,
             })
             .collect()
+    }
+
+    /// `check`'s line for a project with these secrets under this config.
+    pub fn describe(&self, secrets: &ProjectSecrets) -> Result<String, String> {
+        if !self.server.allow_project_smtp {
+            return Ok("server transport (allowProjectSmtp = false)".to_owned());
+        }
+        secrets.smtp.describe()
     }
 }
 
@@ -1209,16 +1234,23 @@ appName = "Acme Health"
                 host: "smtp.example.com".into(),
                 port: 587,
                 tls: TlsMode::StartTls,
-                credentials: Some(("u".into(), SecretKey("p".into()))),
+                credentials: Some(("u".into(), SecretKey::new("p"))),
             }))
         );
-        let ProjectSmtp::Active(r) = &c.projects["acme"].smtp else {
+        let ProjectSmtp::Active(r) = &c.projects["acme"].file_secrets().unwrap().smtp else {
             panic!("acme should be active")
         };
         assert_eq!(r.target.tls, TlsMode::Implicit);
         assert_eq!(r.from.address, "noreply@acme.example");
         assert!(r.approved.contains("Bob@acme.example"));
-        assert_eq!(c.projects["acme"].app_name.as_deref(), Some("Acme Health"));
+        assert_eq!(
+            c.projects["acme"]
+                .file_secrets()
+                .unwrap()
+                .app_name
+                .as_deref(),
+            Some("Acme Health")
+        );
     }
 
     #[test]
@@ -1268,8 +1300,9 @@ appName = "Acme Health"
         assert!(format!("{:?}", Secret::new("hunter2")) == "Secret(***)");
     }
 
-    fn project(body: &str) -> Project {
-        parse(&format!("[projects.p]\n{body}")).unwrap().projects["p"].clone()
+    fn project(body: &str) -> ProjectSecrets {
+        let c = parse(&format!("[projects.p]\n{body}")).unwrap();
+        c.projects["p"].file_secrets().unwrap().clone()
     }
 
     const GOOD: &str = "smtpHost = \"h.example\"\nsmtpPort = 587\nsmtpUsername = \"u\"\nsmtpPassword = \"pw\"\nsmtpFromAddress = \"a@p.example\"\n";
@@ -1432,7 +1465,7 @@ appName = "Acme Health"
         };
         let (user, pw) = t.credentials.as_ref().unwrap();
         assert_eq!((user.as_str(), pw.expose()), ("env-user", "file-secret"));
-        let ProjectSmtp::Active(r) = &c.projects["a"].smtp else {
+        let ProjectSmtp::Active(r) = &c.projects["a"].file_secrets().unwrap().smtp else {
             panic!()
         };
         assert_eq!(

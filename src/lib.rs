@@ -17,10 +17,12 @@ pub mod config;
 pub mod connection;
 pub mod metrics;
 pub mod policy;
+pub mod project;
 pub mod proxy;
 pub mod relay;
 pub mod server;
 pub mod smtp;
+pub mod source;
 pub mod tls;
 pub mod upstream;
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use project_relay::config::{Config, LogFormat, ProjectSmtp, Provider};
+use project_relay::config::{Config, LogFormat, ProjectSmtp, Provider, Source};
 use project_relay::policy::FromDecision;
 use project_relay::relay::Relay;
 use project_relay::{Listeners, Reloader, Server, tls};
@@ -216,16 +216,13 @@ fn check(path: &Path, connect: bool) -> ExitCode {
             None
         }
     };
-    let probes = match (&relay, connect) {
-        (Some(relay), true) => Some((runtime().expect("tokio runtime"), relay)),
-        _ => None,
-    };
-    let probe = |target| match &probes {
-        Some((rt, relay)) => match rt.block_on(relay.upstreams.probe(target)) {
+    let rt = runtime().expect("tokio runtime");
+    let probe = |target: &project_relay::config::SmtpTarget| match (&relay, connect) {
+        (Some(relay), true) => match rt.block_on(relay.upstreams.probe(target)) {
             Ok(what) => Ok(format!(": {what}")),
             Err(e) => Err(format!(": error: {}", e.into_reply(target))),
         },
-        None => Ok(String::new()),
+        _ => Ok(String::new()),
     };
     match &config.server.provider {
         Some(Provider::Smtp(t)) => match probe(t) {
@@ -238,14 +235,44 @@ fn check(path: &Path, connect: bool) -> ExitCode {
         Some(Provider::Capture(dir)) => println!("server: capture to {}", dir.display()),
         None => println!("server: no provider; server mail is refused with 451 4.3.5"),
     }
-    for (name, line) in config.check_report() {
-        let project = &config.projects[&name];
-        let line = match (line, &project.smtp) {
-            (Ok(text), ProjectSmtp::Active(r)) if config.server.allow_project_smtp => {
-                probe(&r.target)
-                    .map(|what| format!("{text}{what}"))
-                    .map_err(|why| format!("error: {}{why}", text.trim_start_matches("ok: ")))
+    if let (Some(relay), Some(m)) = (&relay, &config.medplum) {
+        match rt.block_on(relay.sources.check_fleet()) {
+            Some(Ok(())) => println!("medplum: fleet client: token ok ({})", m.base_url),
+            Some(Err(why)) => {
+                println!("medplum: fleet client: error: {why}");
+                ok = false;
             }
+            None => println!("medplum: {} (per-project clients)", m.base_url),
+        }
+    }
+    let mut misconfigured = 0;
+    for (name, project) in &config.projects {
+        let (secrets, from) = match (&project.source, &relay) {
+            (Source::File(s), _) => (Ok(Some(s.clone())), ""),
+            (Source::Medplum(_), Some(relay)) => (
+                rt.block_on(relay.sources.find(&config, name))
+                    .map(|found| found.map(|f| f.secrets)),
+                " (from Medplum)",
+            ),
+            (Source::Medplum(_), None) => continue,
+        };
+        let line = match &secrets {
+            Ok(Some(s)) => config.describe(s),
+            Ok(None) => Ok("server transport".to_owned()),
+            Err(reply) => Err(format!("error: {}", reply.text)),
+        };
+        if let Ok(Some(s)) = &secrets
+            && matches!(s.smtp, ProjectSmtp::Misconfigured(_))
+        {
+            misconfigured += 1;
+        }
+        let line = match (line, &secrets) {
+            (Ok(text), Ok(Some(s))) if config.server.allow_project_smtp => match &s.smtp {
+                ProjectSmtp::Active(r) => probe(&r.target)
+                    .map(|what| format!("{text}{what}"))
+                    .map_err(|why| format!("error: {}{why}", text.trim_start_matches("ok: "))),
+                _ => Ok(text),
+            },
             (line, _) => line,
         };
         let capture = project
@@ -254,18 +281,13 @@ fn check(path: &Path, connect: bool) -> ExitCode {
             .map(|d| format!(" (captured to {})", d.display()))
             .unwrap_or_default();
         match line {
-            Ok(text) => println!("{name}: {text}{capture}"),
+            Ok(text) => println!("{name}: {text}{from}{capture}"),
             Err(text) => {
-                println!("{name}: {text}{capture}");
+                println!("{name}: {text}{from}{capture}");
                 ok = false;
             }
         }
     }
-    let misconfigured = config
-        .projects
-        .values()
-        .filter(|p| matches!(p.smtp, ProjectSmtp::Misconfigured(_)))
-        .count();
     if misconfigured > 0 && config.server.allow_project_smtp {
         eprintln!("{misconfigured} project(s) misconfigured: their mail is refused with 451 4.3.5");
     }
@@ -335,7 +357,8 @@ fn send_test(path: &Path, project: &str, to: &str, from: Option<&str>) -> ExitCo
     let Some(config) = load_or_report(path) else {
         return ExitCode::from(2);
     };
-    if !config.projects.contains_key(project) {
+    let fleet = config.medplum.as_ref().is_some_and(|m| m.fleet.is_some());
+    if !config.projects.contains_key(project) && !fleet {
         eprintln!(
             "error: no [projects.{project}] in {}; its mail would take the server transport",
             path.display()

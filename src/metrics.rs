@@ -96,3 +96,20 @@ pub fn upstream_connection_opened(upstream: &str) {
 pub fn upstream_connection_closed(upstream: &str) {
     gauge!("relay_upstream_connections_open", "upstream" => upstream.to_owned()).decrement(1.0);
 }
+
+/// One read of a project's secrets from Medplum: `ok`, `not_modified`, `not_found`, `denied`
+/// or `error`.
+pub fn medplum_read(project: &str, result: &'static str) {
+    counter!("relay_medplum_reads_total", "project" => project.to_owned(), "result" => result)
+        .increment(1);
+}
+
+/// One token request to Medplum's token endpoint: `ok`, `denied` or `error`.
+pub fn medplum_token(result: &'static str) {
+    counter!("relay_medplum_token_requests_total", "result" => result).increment(1);
+}
+
+/// A message routed with the last good secrets while Medplum could not be read.
+pub fn stale_secrets_served(project: &str) {
+    counter!("relay_medplum_stale_served_total", "project" => project.to_owned()).increment(1);
+}

@@ -3,7 +3,10 @@
 //! byte splices over the received message: every byte outside the edited fields is kept.
 
 use crate::address::{self, ApprovedList, Mailbox};
-use crate::config::{Config, ProjectSmtp, Provider, SmtpTarget};
+use std::path::Path;
+
+use crate::config::{Config, Provider, Source};
+use crate::project::{ProjectSecrets, ProjectSmtp, SmtpTarget};
 use crate::smtp::Reply;
 
 /// Where a message goes.
@@ -159,31 +162,55 @@ impl From<Reply> for Refusal<'_> {
     }
 }
 
-type Named<'c> = Option<(&'c String, &'c crate::config::Project)>;
+/// A message's header fields and the project it names (from its header or the client's
+/// AUTH), before anything is known about that project.
+#[derive(Debug)]
+pub struct Identified {
+    fields: Vec<Field>,
+    pub project: Option<String>,
+}
 
-/// Applies the Project SMTP rules to one message. `auth_project` is the project the client
-/// authenticated for: it stands in for a missing project header, and no header may name
-/// another project.
+/// The project a message belongs to, as its secrets' source described it.
+#[derive(Debug, Clone, Copy)]
+pub struct Project<'c> {
+    pub name: &'c str,
+    pub secrets: &'c ProjectSecrets,
+    /// Capture this project's mail here instead of sending it.
+    pub capture: Option<&'c Path>,
+}
+
+/// Applies the Project SMTP rules to one message whose project's secrets are in `config`
+/// (`relay.toml`): [`identify`] and [`route`] in one step. A project whose secrets live
+/// elsewhere takes the server provider here; the relay looks those up between the two steps.
 pub fn decide<'c>(
     config: &'c Config,
     data: &[u8],
     auth_project: Option<&str>,
 ) -> Result<Decision<'c>, Refusal<'c>> {
-    let fields = header_fields(data)?;
-    let project = identify(config, &fields, data, auth_project)?;
-    route(config, &fields, data, project).map_err(|reply| Refusal {
-        reply,
-        project: project.map(|(name, _)| name.as_str()),
-    })
+    let id = identify(config, data, auth_project)?;
+    let project = id.project.as_deref().and_then(|id| {
+        let (name, p) = config.projects.get_key_value(id)?;
+        match &p.source {
+            Source::File(secrets) => Some(Project {
+                name,
+                secrets,
+                capture: p.capture_dir.as_deref(),
+            }),
+            Source::Medplum(_) => None,
+        }
+    });
+    route(config, &id, data, project)
 }
 
-/// Which known project the message belongs to, from its header and the client's AUTH.
-fn identify<'c>(
-    config: &'c Config,
-    fields: &[Field],
+/// Which project the message belongs to, from its header and the client's AUTH.
+/// `auth_project` stands in for a missing project header, and no header may name another
+/// project.
+pub fn identify(
+    config: &Config,
     data: &[u8],
     auth_project: Option<&str>,
-) -> Result<Named<'c>, Reply> {
+) -> Result<Identified, Reply> {
+    let fields = header_fields(data)?;
     let header = &config.listener.project_header;
     let project_fields: Vec<&Field> = fields.iter().filter(|f| f.is(data, header)).collect();
     if project_fields.len() > 1 {
@@ -199,38 +226,52 @@ fn identify<'c>(
             Some(unfold(raw)).filter(|v| !v.is_empty())
         }
     };
-    let project_id = match (auth_project, project_id) {
+    let project = match (auth_project, project_id) {
         (Some(auth), Some(id)) if auth != id => return Err(Reply::wrong_project(auth, header)),
         (Some(auth), _) => Some(auth.to_owned()),
         (None, id) => id,
     };
-    Ok(project_id
-        .as_deref()
-        .and_then(|id| config.projects.get_key_value(id)))
+    Ok(Identified { fields, project })
 }
 
-/// The transport, the From, and the header splices for a message of `project`.
-fn route<'c>(
+/// The transport, the From, and the header splices for a message of `project` (`None`: no
+/// project we know, so the server provider).
+pub fn route<'c>(
+    config: &'c Config,
+    id: &Identified,
+    data: &[u8],
+    project: Option<Project<'c>>,
+) -> Result<Decision<'c>, Refusal<'c>> {
+    splice(config, &id.fields, data, project).map_err(|reply| Refusal {
+        reply,
+        project: project.map(|p| p.name),
+    })
+}
+
+fn splice<'c>(
     config: &'c Config,
     fields: &[Field],
     data: &[u8],
-    project: Named<'c>,
+    project: Option<Project<'c>>,
 ) -> Result<Decision<'c>, Reply> {
     let header = &config.listener.project_header;
     // Which transport, and with it which default From and which approved list.
     let (transport, default_from, approved, app_name) = match project {
-        Some((name, p)) if config.server.allow_project_smtp => match &p.smtp {
+        Some(p) if config.server.allow_project_smtp => match &p.secrets.smtp {
             ProjectSmtp::Active(relay) => (
                 Transport::Project {
-                    name,
+                    name: p.name,
                     target: &relay.target,
                 },
                 Some(&relay.from),
                 &relay.approved,
-                p.app_name.as_deref(),
+                p.secrets.app_name.as_deref(),
             ),
             ProjectSmtp::Misconfigured(_) => {
-                return Err(Reply::project_misconfigured(name, &p.smtp.bad_entries()));
+                return Err(Reply::project_misconfigured(
+                    p.name,
+                    &p.secrets.smtp.bad_entries(),
+                ));
             }
             ProjectSmtp::None => server_route(config)?,
         },
@@ -305,7 +346,7 @@ fn route<'c>(
     out.extend_from_slice(&data[copied..header_end]);
 
     Ok(Decision {
-        project: project.map(|(name, _)| name.as_str()),
+        project: project.map(|p| p.name),
         transport,
         envelope_from,
         original_from,
@@ -314,7 +355,7 @@ fn route<'c>(
         from_decision,
         head: out,
         body_offset: header_end,
-        capture: project.and_then(|(_, p)| p.capture_dir.as_deref()),
+        capture: project.and_then(|p| p.capture),
     })
 }
 

@@ -9,6 +9,7 @@ use crate::config::{Config, Provider, SmtpTarget};
 use crate::metrics::{self, Outcome as Kind};
 use crate::policy::{self, Transport};
 use crate::smtp::{Reply, Transaction};
+use crate::source::Sources;
 use crate::tls::{self, TlsError};
 use crate::upstream::{self, Upstreams};
 
@@ -17,6 +18,8 @@ pub struct Relay {
     pub config: Arc<Config>,
     /// Shared with every other config generation: warm connections outlive a reload.
     pub upstreams: Arc<Upstreams>,
+    /// Shared likewise: Medplum tokens and secrets outlive a reload.
+    pub sources: Arc<Sources>,
 }
 
 /// What happened to one message: for the client's reply, the log, the metrics, `send-test`.
@@ -41,15 +44,28 @@ fn describe(target: &SmtpTarget, whose: &str) -> String {
 }
 
 impl Relay {
-    /// A relay with upstream pools of its own (`check`, `send-test`).
+    /// A relay with upstream pools and secret sources of its own (`check`, `send-test`).
     pub fn new(config: Arc<Config>) -> Result<Relay, TlsError> {
         let upstreams = Arc::new(Upstreams::new(upstream_settings(&config)?));
-        Ok(Relay { config, upstreams })
+        let sources = Arc::new(Sources::new(&config)?);
+        Ok(Relay {
+            config,
+            upstreams,
+            sources,
+        })
     }
 
-    /// A relay for `config` over pools that outlive it.
-    pub fn with_upstreams(config: Arc<Config>, upstreams: Arc<Upstreams>) -> Relay {
-        Relay { config, upstreams }
+    /// A relay for `config` over pools and sources that outlive it.
+    pub fn with_shared(
+        config: Arc<Config>,
+        upstreams: Arc<Upstreams>,
+        sources: Arc<Sources>,
+    ) -> Relay {
+        Relay {
+            config,
+            upstreams,
+            sources,
+        }
     }
 
     /// Relays one finished transaction and returns the client's reply: 250 only once the
@@ -61,8 +77,34 @@ impl Relay {
     pub async fn relay_with_outcome(&self, mut tx: Transaction) -> Outcome {
         let started = Instant::now();
         let size = tx.data.len();
-        let mut decision = match policy::decide(&self.config, &tx.data, tx.auth_project.as_deref())
-        {
+        let identified = policy::identify(&self.config, &tx.data, tx.auth_project.as_deref());
+        let found = match &identified {
+            Ok(id) => match id.project.as_deref() {
+                Some(project) => self
+                    .sources
+                    .find(&self.config, project)
+                    .await
+                    .map_err(|reply| policy::Refusal {
+                        reply,
+                        project: Some(project),
+                    }),
+                None => Ok(None),
+            },
+            Err(reply) => Err(policy::Refusal::from(reply.clone())),
+        };
+        let routed = match (&identified, &found) {
+            (Ok(id), Ok(found)) => {
+                let project = found.as_ref().map(|f| policy::Project {
+                    name: &f.name,
+                    secrets: &f.secrets,
+                    capture: f.capture,
+                });
+                policy::route(&self.config, id, &tx.data, project)
+            }
+            (_, Err(refusal)) => Err(refusal.clone()),
+            (Err(reply), Ok(_)) => Err(policy::Refusal::from(reply.clone())),
+        };
+        let mut decision = match routed {
             Ok(d) => d,
             Err(policy::Refusal { reply, project }) => {
                 let kind = if reply.enhanced.as_deref() == Some("4.3.5") {
@@ -233,9 +275,12 @@ pub fn upstream_targets(config: &Config) -> std::collections::HashSet<&SmtpTarge
         Some(Provider::Smtp(t)) => Some(t),
         _ => None,
     };
-    let projects = config.projects.values().filter_map(|p| match &p.smtp {
-        crate::config::ProjectSmtp::Active(r) => Some(&r.target),
-        _ => None,
+    let projects = config.projects.values().filter_map(|p| match &p.source {
+        crate::config::Source::File(s) => match &s.smtp {
+            crate::project::ProjectSmtp::Active(r) => Some(&r.target),
+            _ => None,
+        },
+        crate::config::Source::Medplum(_) => None,
     });
     server.into_iter().chain(projects).collect()
 }

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::connection;
 use crate::relay::Relay;
 use crate::smtp::{Reply, Settings};
+use crate::source::Sources;
 use crate::tls;
 use crate::upstream::Upstreams;
 
@@ -99,6 +100,7 @@ impl State {
         config: Arc<Config>,
         starttls_available: bool,
         upstreams: Arc<Upstreams>,
+        sources: Arc<Sources>,
     ) -> anyhow::Result<State> {
         let l = &config.listener;
         let settings = Settings {
@@ -111,7 +113,7 @@ impl State {
             allow_plaintext_auth: l.allow_plaintext_auth,
         };
         Ok(State {
-            relay: Relay::with_upstreams(config.clone(), upstreams),
+            relay: Relay::with_shared(config.clone(), upstreams, sources),
             config,
             settings,
         })
@@ -123,6 +125,8 @@ pub struct Shared {
     current: RwLock<Arc<State>>,
     /// Upstream pools: one set for the relay's whole life, across reloads.
     upstreams: Arc<Upstreams>,
+    /// Secret sources (the Medplum cache): likewise.
+    sources: Arc<Sources>,
     pub tls: Option<TlsAcceptor>,
     /// Failed AUTH attempts per address, with the time of the last one.
     auth_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
@@ -235,12 +239,16 @@ impl Reloader {
         let tls = self.0.tls.is_some();
         let settings = crate::relay::upstream_settings(&config)?;
         let config = Arc::new(config);
-        let state = State::new(config.clone(), tls, self.0.upstreams.clone())?;
+        self.0.sources.configure(&config)?;
+        let state = State::new(
+            config.clone(),
+            tls,
+            self.0.upstreams.clone(),
+            self.0.sources.clone(),
+        )?;
         self.0.upstreams.configure(settings);
         // Pools of upstreams (or credentials) the new config no longer uses are closed.
-        self.0
-            .upstreams
-            .retain_targets(&crate::relay::upstream_targets(&config));
+        retain_used(&self.0.upstreams, &self.0.sources, &config);
         *self.0.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
         Ok(())
     }
@@ -261,11 +269,13 @@ impl Server {
             None => None,
         };
         let upstreams = Arc::new(Upstreams::new(crate::relay::upstream_settings(&config)?));
-        let state = State::new(config, tls.is_some(), upstreams.clone())?;
+        let sources = Arc::new(Sources::new(&config)?);
+        let state = State::new(config, tls.is_some(), upstreams.clone(), sources.clone())?;
         Ok(Server {
             shared: Arc::new(Shared {
                 current: RwLock::new(Arc::new(state)),
                 upstreams,
+                sources,
                 tls,
                 auth_failures: Mutex::default(),
                 per_ip: Mutex::default(),
@@ -322,6 +332,25 @@ impl Server {
             let stop = reaper_stop.clone();
             tokio::spawn(async move { upstreams.reap(stop).await })
         };
+        // Secrets read from Medplum change without a reload: the pools of upstreams (or
+        // credentials) no project uses any more are closed within seconds.
+        let retirer = {
+            let shared = self.shared.clone();
+            let stop = reaper_stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(RETAIN_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    let config = shared.current().config.clone();
+                    if config.medplum.is_some() {
+                        retain_used(&shared.upstreams, &shared.sources, &config);
+                    }
+                }
+            })
+        };
         self.shared.ready.store(true, Ordering::Relaxed);
         shutdown.cancelled().await;
         self.shared.ready.store(false, Ordering::Relaxed);
@@ -335,6 +364,7 @@ impl Server {
         }
         reaper_stop.cancel();
         let _ = reaper.await;
+        let _ = retirer.await;
         // Sessions are over: end every upstream connection with QUIT.
         self.shared.upstreams.close_all().await;
         if let Some(admin) = admin {
@@ -343,6 +373,17 @@ impl Server {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// How often pools of upstreams that no project uses any more are looked for.
+const RETAIN_EVERY: Duration = Duration::from_secs(2);
+
+/// Closes the pools of upstreams that neither `config` nor a Medplum project uses now.
+fn retain_used(upstreams: &Upstreams, sources: &Sources, config: &Config) {
+    let live = sources.targets();
+    let mut keep = crate::relay::upstream_targets(config);
+    keep.extend(live.iter());
+    upstreams.retain_targets(&keep);
 }
 
 /// Runs the relay on already bound listeners until `shutdown` is cancelled.

@@ -273,6 +273,28 @@ impl Reply {
         )
     }
 
+    /// Medplum will not let the relay read the project (bad client, not an admin, another
+    /// project's client): a configuration problem, so never the server provider instead.
+    pub fn project_unreadable(project: &str, why: &str) -> Reply {
+        Reply::new(
+            451,
+            "4.3.5",
+            &format!("Project SMTP configuration cannot be read: {why} (project {project})"),
+        )
+    }
+
+    /// Medplum cannot be reached and no recent secrets are left (RFC 3463 4.4.3: directory
+    /// server failure).
+    pub fn secrets_unavailable(project: &str) -> Reply {
+        Reply::new(
+            451,
+            "4.4.3",
+            &format!(
+                "Project secrets cannot be read from Medplum now; try again later (project {project})"
+            ),
+        )
+    }
+
     pub const NO_SERVER_PROVIDER: Reply = r(
         451,
         "4.3.5",

@@ -1,0 +1,346 @@
+//! The spec's Project secrets turned into a project's SMTP settings, whatever holds them
+//! (a `relay.toml` table or a Medplum `Project.secret` list): one function applies every rule
+//! of `project-smtp.md`, with the same entry names in every error.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::address::{self, ApprovedList, Mailbox};
+
+/// The spec's secret names, in the order errors name them.
+pub const SECRET_NAMES: &[&str] = &[
+    "smtpHost",
+    "smtpPort",
+    "smtpUsername",
+    "smtpPassword",
+    "smtpSecure",
+    "smtpFromAddress",
+    "smtpApprovedSenders",
+    "appName",
+];
+
+/// One secret as its source holds it. The type is part of the value: Medplum reads `smtpPort`
+/// only from `valueInteger`, so a port written as text is invalid there as in TOML.
+#[derive(Clone)]
+pub enum Entry<'a> {
+    Text(&'a str),
+    Integer(i64),
+    Boolean(bool),
+    /// A TOML array of strings (an approved-sender list may be written as one).
+    Texts(Vec<&'a str>),
+    /// Any other type: a float, a table, a Medplum `valueDecimal`...
+    Other,
+}
+
+/// What a project's secrets say about its mail.
+#[derive(Debug, Clone)]
+pub struct ProjectSecrets {
+    pub app_name: Option<String>,
+    pub smtp: ProjectSmtp,
+}
+
+/// Shared between a source's cache and the messages in flight that use it.
+pub type Secrets = Arc<ProjectSecrets>;
+
+#[derive(Debug, Clone)]
+pub enum ProjectSmtp {
+    /// No `smtpHost`: the project's mail uses the server provider.
+    None,
+    Active(ProjectRelay),
+    /// `smtpHost` set but entries missing or invalid: `(entry, why)` for each.
+    Misconfigured(Vec<(&'static str, String)>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ProjectRelay {
+    pub target: SmtpTarget,
+    pub from: Mailbox,
+    pub approved: ApprovedList,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// Implicit TLS from the first byte (`secure = true`, or port 465 when unset).
+    Implicit,
+    /// STARTTLS when the upstream offers it.
+    StartTls,
+}
+
+impl TlsMode {
+    pub fn infer(secure: Option<bool>, port: u16) -> TlsMode {
+        if secure.unwrap_or(port == 465) {
+            TlsMode::Implicit
+        } else {
+            TlsMode::StartTls
+        }
+    }
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsMode::Implicit => "tls",
+            TlsMode::StartTls => "starttls",
+        })
+    }
+}
+
+/// One upstream SMTP relay and the credentials to use there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SmtpTarget {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub credentials: Option<(String, SecretKey)>,
+}
+
+impl fmt::Display for SmtpTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{} ({})", self.host, self.port, self.tls)
+    }
+}
+
+/// A secret usable as part of a pool key: equal secrets share a pool, changed ones do not.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SecretKey(String);
+
+impl SecretKey {
+    pub fn new(s: impl Into<String>) -> SecretKey {
+        SecretKey(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl ProjectSmtp {
+    /// The entry names for the client's 4.3.5 reply.
+    pub fn bad_entries(&self) -> Vec<String> {
+        match self {
+            ProjectSmtp::Misconfigured(bad) => bad.iter().map(|(n, _)| (*n).to_owned()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// `check`'s words for it: `ok: smtp via host:port (tls)`, `server transport`, or the
+    /// bad entries with why.
+    pub fn describe(&self) -> Result<String, String> {
+        match self {
+            ProjectSmtp::None => Ok("server transport".to_owned()),
+            ProjectSmtp::Active(r) => Ok(format!(
+                "ok: smtp via {}:{} ({})",
+                r.target.host, r.target.port, r.target.tls
+            )),
+            ProjectSmtp::Misconfigured(bad) => Err(format!(
+                "error: {}",
+                bad.iter()
+                    .map(|(n, why)| format!("{n} {why}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+}
+
+/// `"a@x, b@y"` or `["a@x", "b@y"]`.
+pub fn approved_list(entry: Entry<'_>) -> Option<ApprovedList> {
+    match entry {
+        Entry::Text(s) => Some(ApprovedList::from_entries([s])),
+        Entry::Texts(items) => Some(ApprovedList::from_entries(items)),
+        _ => None,
+    }
+}
+
+/// The spec's rules for a project's secrets, with every bad entry named. `secret` gives the
+/// value of a secret by its spec name, or `None` when the project does not have it.
+pub fn build<'a>(secret: impl Fn(&'static str) -> Option<Entry<'a>>) -> ProjectSecrets {
+    let mut bad: Vec<(&'static str, String)> = Vec::new();
+    let app_name = match secret("appName") {
+        Some(Entry::Text(s)) if !s.chars().any(char::is_control) => {
+            Some(s.trim().to_owned()).filter(|s| !s.is_empty())
+        }
+        Some(_) => {
+            bad.push((
+                "appName",
+                "must be a string without control characters".into(),
+            ));
+            None
+        }
+        None => None,
+    };
+    let Some(host) = secret("smtpHost") else {
+        return ProjectSecrets {
+            app_name,
+            smtp: ProjectSmtp::None,
+        };
+    };
+
+    let mut required_string = |name: &'static str, v: Option<Entry<'_>>| -> Option<String> {
+        match v {
+            None => {
+                bad.push((name, "missing".into()));
+                None
+            }
+            Some(Entry::Text(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+            Some(Entry::Text(_)) => {
+                bad.push((name, "empty".into()));
+                None
+            }
+            Some(_) => {
+                bad.push((name, "must be a string".into()));
+                None
+            }
+        }
+    };
+    let host = required_string("smtpHost", Some(host));
+    let username = required_string("smtpUsername", secret("smtpUsername"));
+    // The password is compared as written: leading spaces may be part of it.
+    let password = match secret("smtpPassword") {
+        Some(Entry::Text(s)) if !s.is_empty() => Some(s.to_owned()),
+        Some(Entry::Text(_)) => {
+            bad.push(("smtpPassword", "empty".into()));
+            None
+        }
+        Some(_) => {
+            bad.push(("smtpPassword", "must be a string".into()));
+            None
+        }
+        None => {
+            bad.push(("smtpPassword", "missing".into()));
+            None
+        }
+    };
+    let port = match secret("smtpPort") {
+        Some(Entry::Integer(n)) if (1..=65535).contains(&n) => Some(n as u16),
+        Some(_) => {
+            bad.push(("smtpPort", "must be an integer in 1..65535".into()));
+            None
+        }
+        None => {
+            bad.push(("smtpPort", "missing".into()));
+            None
+        }
+    };
+    let secure = match secret("smtpSecure") {
+        None => None,
+        Some(Entry::Boolean(b)) => Some(b),
+        Some(_) => {
+            bad.push(("smtpSecure", "must be true or false".into()));
+            None
+        }
+    };
+    let from = match secret("smtpFromAddress") {
+        None => {
+            bad.push(("smtpFromAddress", "missing".into()));
+            None
+        }
+        Some(Entry::Text(s)) => {
+            let mb = address::parse_one(s);
+            if mb.is_none() {
+                bad.push(("smtpFromAddress", "must be one email address".into()));
+            }
+            mb
+        }
+        Some(_) => {
+            bad.push(("smtpFromAddress", "must be a string".into()));
+            None
+        }
+    };
+    let approved = match secret("smtpApprovedSenders") {
+        None => Some(ApprovedList::default()),
+        Some(v) => {
+            let list = approved_list(v);
+            if list.is_none() {
+                bad.push((
+                    "smtpApprovedSenders",
+                    "must be a comma-separated string or an array of strings".into(),
+                ));
+            }
+            list
+        }
+    };
+
+    let smtp = match (host, port, username, password, from, approved) {
+        (Some(host), Some(port), Some(user), Some(pass), Some(from), Some(approved))
+            if bad.is_empty() =>
+        {
+            ProjectSmtp::Active(ProjectRelay {
+                target: SmtpTarget {
+                    host,
+                    port,
+                    tls: TlsMode::infer(secure, port),
+                    credentials: Some((user, SecretKey(pass))),
+                },
+                from,
+                approved,
+            })
+        }
+        _ => ProjectSmtp::Misconfigured(bad),
+    };
+    ProjectSecrets { app_name, smtp }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build_from(entries: &[(&'static str, Entry<'static>)]) -> ProjectSecrets {
+        build(|name| {
+            entries
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, e)| e.clone())
+        })
+    }
+
+    #[test]
+    fn the_same_rules_whatever_the_source() {
+        let good = [
+            ("smtpHost", Entry::Text("smtp.acme.example")),
+            ("smtpPort", Entry::Integer(587)),
+            ("smtpUsername", Entry::Text("u")),
+            ("smtpPassword", Entry::Text(" p")),
+            (
+                "smtpFromAddress",
+                Entry::Text("Acme <noreply@acme.example>"),
+            ),
+            ("smtpApprovedSenders", Entry::Text("a@acme.example")),
+        ];
+        let ProjectSmtp::Active(r) = build_from(&good).smtp else {
+            panic!("not active")
+        };
+        assert_eq!(r.target.tls, TlsMode::StartTls);
+        assert_eq!(r.target.credentials.unwrap().1.expose(), " p");
+        let mut port_as_text = good.clone();
+        port_as_text[1] = ("smtpPort", Entry::Text("587"));
+        assert_eq!(build_from(&port_as_text).smtp.bad_entries(), ["smtpPort"]);
+        let mut decimal = good.clone();
+        decimal[1] = ("smtpPort", Entry::Other);
+        assert_eq!(build_from(&decimal).smtp.bad_entries(), ["smtpPort"]);
+        assert!(matches!(build_from(&good[1..]).smtp, ProjectSmtp::None));
+        let bad = build_from(&[
+            ("smtpHost", Entry::Integer(1)),
+            ("smtpSecure", Entry::Text("true")),
+        ]);
+        assert_eq!(
+            bad.smtp.bad_entries(),
+            [
+                "smtpHost",
+                "smtpUsername",
+                "smtpPassword",
+                "smtpPort",
+                "smtpSecure",
+                "smtpFromAddress"
+            ]
+        );
+        // Nothing said about a value ever repeats it.
+        assert!(!format!("{:?}", build_from(&good)).contains(" p\""));
+    }
+}
