@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod medplum;
 pub mod netns;
 pub mod process;
 pub mod upstream;

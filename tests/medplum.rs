@@ -1,0 +1,393 @@
+//! Project secrets read live from Medplum, end to end over real sockets: the relay, a Medplum
+//! test server (tests/common/medplum.rs) and recording upstreams, all on loopback.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::medplum::{ClientApp, Fault, Medplum, smtp_secrets};
+use common::{Relay, Script, Upstream};
+use project_relay::{Config, Listeners, Server};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const PID: &str = "cabd683a-dc09-492f-a513-416c6f3c16bd";
+const CLIENT: &str = "acme-client";
+const CLIENT_SECRET: &str = "acme-client-secret-9f8e";
+const MSG: &[u8] =
+    b"X-Project-Id: cabd683a-dc09-492f-a513-416c6f3c16bd\r\nFrom: alice@acme.example\r\nSubject: s\r\n\r\nhi\r\n";
+
+fn upstream_script() -> Script {
+    Script {
+        auth: vec![("u".into(), "pw-one".into()), ("u".into(), "pw-two".into())],
+        ..Script::default()
+    }
+}
+
+/// The relay's config: the server provider is `server`, `acme` is read from `medplum`.
+fn toml(medplum: &Medplum, server: &Upstream, medplum_extra: &str, project: &str) -> String {
+    format!(
+        "[server]\nsupportEmail = \"Example <noreply@example.com>\"\n[server.smtp]\nhost = \"127.0.0.1\"\nport = {}\n\
+         [medplum]\nbase_url = \"{}\"\n{medplum_extra}\n{project}",
+        server.port(),
+        medplum.base_url(),
+    )
+}
+
+fn acme_table() -> String {
+    format!(
+        "[projects.{PID}]\nmedplumClientId = \"{CLIENT}\"\nmedplumClientSecret = \"{CLIENT_SECRET}\"\n"
+    )
+}
+
+struct World {
+    medplum: Medplum,
+    project: Upstream,
+    server: Upstream,
+}
+
+async fn world() -> World {
+    let medplum = Medplum::start().await;
+    let project = Upstream::start(upstream_script()).await;
+    let server = Upstream::start(Script::default()).await;
+    medplum.add_project(
+        PID,
+        CLIENT,
+        CLIENT_SECRET,
+        smtp_secrets(project.port(), "pw-one", "alice@acme.example"),
+    );
+    World {
+        medplum,
+        project,
+        server,
+    }
+}
+
+impl World {
+    async fn relay(&self, medplum_extra: &str) -> Relay {
+        Relay::start(&toml(
+            &self.medplum,
+            &self.server,
+            medplum_extra,
+            &acme_table(),
+        ))
+        .await
+    }
+}
+
+async fn send(relay: &Relay, msg: &[u8]) -> String {
+    let mut c = relay.client().await;
+    c.send_mail("app@app.example", &["x@dest.example"], msg)
+        .await
+}
+
+#[tokio::test]
+async fn medplum_secrets_route_the_project_and_a_change_is_seen_within_refresh_secs() {
+    let w = world().await;
+    let relay = w.relay("refresh_secs = 1").await;
+    let reply = send(&relay, MSG).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let got = w.project.received();
+    assert_eq!(got.len(), 1);
+    // alice is approved in Medplum: her From is kept.
+    assert_eq!(got[0].mail_from, "alice@acme.example");
+    assert!(w.server.received().is_empty());
+
+    // A Project Admin moves the project to another relay, with another password, and no
+    // longer approves alice.
+    let moved = Upstream::start(upstream_script()).await;
+    w.medplum.set_secrets(
+        PID,
+        smtp_secrets(moved.port(), "pw-two", "bob@acme.example"),
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = send(&relay, MSG).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(
+        w.project.received().len(),
+        1,
+        "the old relay got nothing more"
+    );
+    let got = moved.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].mail_from, "noreply@acme.example");
+    assert!(String::from_utf8_lossy(&got[0].data).starts_with("From: Acme <noreply@acme.example>"));
+
+    // smtpHost removed: the server provider, with the server's default From.
+    w.medplum.set_secrets(PID, vec![]);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = send(&relay, MSG).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(w.server.received().len(), 1);
+    assert_eq!(w.server.received()[0].mail_from, "noreply@example.com");
+}
+
+#[tokio::test]
+async fn a_changed_password_never_reuses_a_connection_made_with_the_old_one() {
+    let w = world().await;
+    let relay = w.relay("refresh_secs = 1").await;
+    assert!(send(&relay, MSG).await.starts_with("250"));
+    assert_eq!(w.project.connections(), 1);
+    w.medplum.set_secrets(
+        PID,
+        smtp_secrets(w.project.port(), "pw-two", "alice@acme.example"),
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(send(&relay, MSG).await.starts_with("250"));
+    assert_eq!(
+        w.project.connections(),
+        2,
+        "a new connection for the new password"
+    );
+    let second = w.project.commands_of(2).join("\n");
+    assert!(second.contains("AUTH"), "{second}");
+    // The pool of the old password is closed within seconds (QUIT).
+    common::eventually(|| w.project.commands_of(1).iter().any(|c| c == "QUIT")).await;
+    assert!(!w.project.commands_of(2).iter().any(|c| c == "QUIT"), "the new pool stays");
+}
+
+#[tokio::test]
+async fn a_hundred_messages_make_one_token_request_and_one_read() {
+    let w = world().await;
+    let relay = Arc::new(w.relay("refresh_secs = 60").await);
+    // Ten sessions at once, ten messages each: the first messages race for the first read.
+    let sessions: Vec<_> = (0..10)
+        .map(|_| {
+            let relay = relay.clone();
+            tokio::spawn(async move {
+                let mut c = relay.client().await;
+                c.cmd("EHLO client.test", 250).await;
+                for _ in 0..10 {
+                    let reply = c.mail("app@app.example", &["x@dest.example"], MSG).await;
+                    assert!(reply.starts_with("250"), "{reply}");
+                }
+            })
+        })
+        .collect();
+    for s in sessions {
+        s.await.unwrap();
+    }
+    assert_eq!(w.project.received().len(), 100);
+    assert_eq!(w.medplum.token_requests(), 1);
+    assert_eq!(w.medplum.reads(PID), 1);
+}
+
+#[tokio::test]
+async fn medplum_down_keeps_the_last_good_secrets_for_max_stale_secs_then_451_4_4_3() {
+    let w = world().await;
+    let relay = w.relay("refresh_secs = 1\nmax_stale_secs = 3").await;
+    assert!(send(&relay, MSG).await.starts_with("250"));
+    let read_at = tokio::time::Instant::now();
+    w.medplum.fault(Fault::Status(500));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let reads = w.medplum.reads(PID);
+    let reply = send(&relay, MSG).await;
+    assert!(
+        reply.starts_with("250"),
+        "stale secrets still serve: {reply}"
+    );
+    assert_eq!(w.project.received().len(), 2);
+    assert!(w.medplum.reads(PID) > reads, "a re-read was tried");
+    tokio::time::sleep_until(read_at + Duration::from_millis(3300)).await;
+    let reply = send(&relay, MSG).await;
+    assert!(reply.starts_with("451 4.4.3"), "{reply}");
+    assert_eq!(w.project.received().len(), 2);
+    assert!(w.server.received().is_empty(), "never the server provider");
+    // Medplum is back: mail flows again.
+    w.medplum.fault(Fault::None);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = send(&relay, MSG).await;
+    assert!(reply.starts_with("250"), "{reply}");
+}
+
+#[tokio::test]
+async fn a_project_never_read_while_medplum_is_silent_gets_451_4_4_3() {
+    let w = world().await;
+    w.medplum.fault(Fault::Silent);
+    let relay = w.relay("timeout_secs = 1").await;
+    let reply = send(&relay, MSG).await;
+    assert!(reply.starts_with("451 4.4.3"), "{reply}");
+    assert!(w.project.received().is_empty() && w.server.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_project_medplum_will_not_let_us_read_gets_451_4_3_5_never_the_server() {
+    let w = world().await;
+    // Another project's admin client, a member that is not admin, and a wrong secret.
+    let other = "0f0f0f0f-0000-4000-8000-000000000001";
+    w.medplum
+        .add_project(other, "other-client", "other-secret", vec![]);
+    w.medplum.add_client(
+        "member-client",
+        ClientApp {
+            secret: "member-secret".into(),
+            project: PID.into(),
+            admin: false,
+            super_admin: false,
+        },
+    );
+    for (client, secret, why) in [
+        (
+            "other-client",
+            "other-secret",
+            "belongs to Project/0f0f0f0f",
+        ),
+        ("member-client", "member-secret", "(403)"),
+        (CLIENT, "wrong-secret", "invalid_client"),
+    ] {
+        let table = format!(
+            "[projects.{PID}]\nmedplumClientId = \"{client}\"\nmedplumClientSecret = \"{secret}\"\n"
+        );
+        let relay = Relay::start(&toml(&w.medplum, &w.server, "", &table)).await;
+        let reply = send(&relay, MSG).await;
+        assert!(reply.starts_with("451 4.3.5"), "{client}: {reply}");
+        assert!(reply.contains(why), "{client}: {reply}");
+        assert!(!reply.contains(secret), "{reply}");
+    }
+    assert!(w.server.received().is_empty(), "never the server provider");
+    assert!(w.project.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_port_given_as_text_in_medplum_is_named_invalid() {
+    let w = world().await;
+    let mut secrets = smtp_secrets(w.project.port(), "pw-one", "");
+    secrets[1] = json!({"name": "smtpPort", "valueString": w.project.port().to_string()});
+    w.medplum.set_secrets(PID, secrets);
+    let relay = w.relay("").await;
+    let reply = send(&relay, MSG).await;
+    assert!(
+        reply
+            .starts_with("451 4.3.5 Project SMTP configuration is incomplete or invalid: smtpPort"),
+        "{reply}"
+    );
+    assert!(w.server.received().is_empty() && w.project.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_project_medplum_does_not_have_takes_the_server_provider() {
+    let w = world().await;
+    w.medplum.lock().projects.remove(PID);
+    let relay = w.relay("").await;
+    let reply = send(&relay, MSG).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(w.server.received().len(), 1);
+}
+
+#[tokio::test]
+async fn a_refused_token_is_renewed_once() {
+    let w = world().await;
+    let relay = w.relay("refresh_secs = 1").await;
+    assert!(send(&relay, MSG).await.starts_with("250"));
+    w.medplum.expire_tokens();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = send(&relay, MSG).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(w.medplum.token_requests(), 2);
+}
+
+#[tokio::test]
+async fn a_short_token_lifetime_is_trusted() {
+    let w = world().await;
+    w.medplum.lock().expires_in = 1;
+    let relay = w.relay("refresh_secs = 1").await;
+    assert!(send(&relay, MSG).await.starts_with("250"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(send(&relay, MSG).await.starts_with("250"));
+    // Renewed ahead of expiry, not after a 401: no read was refused.
+    assert_eq!(w.medplum.token_requests(), 2);
+    assert_eq!(w.medplum.reads(PID), 2);
+}
+
+#[tokio::test]
+async fn a_429_is_honoured_until_retry_after() {
+    let w = world().await;
+    let relay = w.relay("refresh_secs = 1").await;
+    assert!(send(&relay, MSG).await.starts_with("250"));
+    w.medplum.fault(Fault::RateLimited(30));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(send(&relay, MSG).await.starts_with("250"), "stale secrets");
+    let reads = w.medplum.reads(PID);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..3 {
+        assert!(send(&relay, MSG).await.starts_with("250"));
+    }
+    assert_eq!(w.medplum.reads(PID), reads, "no read before Retry-After");
+}
+
+#[tokio::test]
+async fn the_fleet_credential_reads_any_project_named_in_the_header() {
+    let w = world().await;
+    w.medplum.add_client(
+        "fleet",
+        ClientApp {
+            secret: "fleet-secret".into(),
+            project: "super-admin-project".into(),
+            admin: true,
+            super_admin: true,
+        },
+    );
+    let relay = Relay::start(&toml(
+        &w.medplum,
+        &w.server,
+        "client_id = \"fleet\"\nclient_secret = \"fleet-secret\"",
+        "",
+    ))
+    .await;
+    let reply = send(&relay, MSG).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(w.project.received().len(), 1);
+    // An id Medplum does not know, and a header that is no resource id: the server provider.
+    let unknown = b"X-Project-Id: 11111111-2222-4333-8444-555555555555\r\n\r\nhi\r\n";
+    assert!(send(&relay, unknown).await.starts_with("250"));
+    assert!(
+        send(&relay, b"X-Project-Id: ../admin\r\n\r\nhi\r\n")
+            .await
+            .starts_with("250")
+    );
+    assert_eq!(w.server.received().len(), 2);
+    assert_eq!(w.medplum.reads("11111111-2222-4333-8444-555555555555"), 1);
+    assert!(
+        w.medplum
+            .lock()
+            .seen
+            .iter()
+            .all(|s| !s.contains("../admin"))
+    );
+}
+
+#[tokio::test]
+async fn a_reload_keeps_warm_connections_and_the_medplum_cache() {
+    let w = world().await;
+    let text = format!(
+        "[listener]\nsmtp = \"127.0.0.1:0\"\n{}",
+        toml(&w.medplum, &w.server, "refresh_secs = 60", &acme_table())
+    );
+    let config = Config::from_toml_str(&text, &common::repo()).unwrap();
+    let listeners = Listeners::bind(&config).await.unwrap();
+    let addr = listeners.smtp_addr().unwrap();
+    let server = Server::new(Arc::new(config), listeners).unwrap();
+    let reloader = server.reloader();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(shutdown.clone()));
+    let send = || async move {
+        let mut c = common::Client::connect(addr).await;
+        c.expect(220).await;
+        c.send_mail("app@app.example", &["x@dest.example"], MSG)
+            .await
+    };
+    assert!(send().await.starts_with("250"));
+    reloader
+        .reload(Config::from_toml_str(&text, &common::repo()).unwrap())
+        .unwrap();
+    // Let the pool retirer run at least once after the reload.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(send().await.starts_with("250"));
+    assert_eq!(w.project.received().len(), 2);
+    assert_eq!(w.project.connections(), 1, "the warm connection was kept");
+    assert_eq!(w.medplum.token_requests(), 1);
+    assert_eq!(w.medplum.reads(PID), 1);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
