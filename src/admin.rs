@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture;
 use crate::config::Provider;
-use crate::server::Shared;
+use crate::state::Shared;
 
 #[derive(Clone)]
 struct AppState {

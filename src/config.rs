@@ -92,7 +92,7 @@ struct RawMedplum {
     base_url: String,
     token_url: Option<String>,
     ca_file: Option<PathBuf>,
-    #[serde(default = "default_timeout_secs")]
+    #[serde(default = "default_medplum_timeout_secs")]
     timeout_secs: u64,
     #[serde(default = "default_refresh_secs")]
     refresh_secs: u64,
@@ -102,6 +102,10 @@ struct RawMedplum {
     client_secret: Option<Secret>,
     #[serde(default, rename = "client_secret_file")]
     _client_secret_file: Option<serde::de::IgnoredAny>,
+}
+
+fn default_medplum_timeout_secs() -> u64 {
+    10
 }
 
 fn default_refresh_secs() -> u64 {
@@ -1289,6 +1293,99 @@ appName = "Acme Health"
             "[server.smtp]\nhost = \"h\"\nport = 25\nusername = \"u\"\npassword = \"hunter2\"\nbogus = 1\n",
         );
         assert!(!msg.contains("hunter2"), "{msg}");
+    }
+
+    #[test]
+    fn medplum_projects_and_their_load_errors() {
+        let medplum = "[medplum]\nbase_url = \"https://api.medplum.com\"\n";
+        let c = parse(&format!(
+            "{medplum}[projects.p1]\nmedplumClientId = \"id\"\nmedplumClientSecret = \"s3cret-value\"\ncaptureDir = \"out\"\n"
+        ))
+        .unwrap();
+        let m = c.medplum.as_ref().unwrap();
+        assert_eq!(m.base_url, "https://api.medplum.com/");
+        assert_eq!(m.token_url, "https://api.medplum.com/oauth2/token");
+        assert_eq!(
+            (
+                m.refresh.as_secs(),
+                m.max_stale.as_secs(),
+                m.timeout.as_secs()
+            ),
+            (60, 600, 10)
+        );
+        assert!(
+            matches!(&c.projects["p1"].source, Source::Medplum(Some(client)) if client.client_id == "id")
+        );
+        assert!(!format!("{c:?}").contains("s3cret-value"));
+        // Without a fleet credential, a table with no spec secret is a file project.
+        let c = parse(&format!("{medplum}[projects.p2]\ncaptureDir = \"out\"\n")).unwrap();
+        assert!(matches!(c.projects["p2"].source, Source::File(_)));
+        let fleet = "client_id = \"fleet\"\nclient_secret = \"f\"\n";
+        let c = parse(&format!(
+            "{medplum}{fleet}[projects.p2]\ncaptureDir = \"out\"\n"
+        ))
+        .unwrap();
+        assert!(matches!(c.projects["p2"].source, Source::Medplum(None)));
+
+        for (text, expect) in [
+            (
+                format!("{medplum}[projects.p]\nmedplumClientId = \"id\"\nmedplumClientSecret = \"s\"\nsmtpHost = \"h\"\n"),
+                "projects.p: medplumClientId and smtpHost are both set",
+            ),
+            (
+                "[projects.p]\nmedplumClientId = \"id\"\nmedplumClientSecret = \"s\"\n".into(),
+                "projects.p.medplumClientId: needs a [medplum] table",
+            ),
+            (
+                format!("{medplum}[projects.p]\nmedplumClientId = \"id\"\n"),
+                "projects.p.medplumClientSecret: required with medplumClientId",
+            ),
+            (
+                format!("{medplum}[projects.p]\nmedplumClientSecret = \"s\"\n"),
+                "projects.p.medplumClientId: required with medplumClientSecret",
+            ),
+            (
+                "[medplum]\nbase_url = \"http://medplum.internal/\"\n".into(),
+                "medplum.base_url: must be https://",
+            ),
+            (
+                "[medplum]\nbase_url = \"https://m.example/\"\ntoken_url = \"http://10.0.0.1/token\"\n".into(),
+                "medplum.token_url: must be https://",
+            ),
+            (
+                "[medplum]\nbase_url = \"https://m.example/\"\nrefresh_secs = 0\n".into(),
+                "medplum.refresh_secs: must be at least 1",
+            ),
+            (
+                "[medplum]\nbase_url = \"https://m.example/\"\nclient_id = \"x\"\n".into(),
+                "medplum.client_secret: required with medplum.client_id",
+            ),
+            ("[medplum]\ntimeout_secs = 3\n".into(), "base_url"),
+        ] {
+            let msg = problems(&text);
+            assert!(msg.contains(expect), "{text}: {msg}");
+        }
+        // A local Medplum in development and tests may be plain HTTP.
+        for local in [
+            "http://localhost:8103/",
+            "http://127.0.0.1:9/",
+            "http://[::1]:8103",
+        ] {
+            let c = parse(&format!("[medplum]\nbase_url = \"{local}\"\n")).unwrap();
+            assert!(c.medplum.unwrap().base_url.ends_with('/'));
+        }
+        // The client secret may come from a file, as other secrets do.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("acme_medplum"), "from-a-file\n").unwrap();
+        let c = Config::from_toml_str(
+            &format!("{medplum}[projects.p]\nmedplumClientId = \"id\"\nmedplumClientSecretFile = \"acme_medplum\"\n"),
+            dir.path(),
+        )
+        .unwrap();
+        let Source::Medplum(Some(client)) = &c.projects["p"].source else {
+            panic!("not a Medplum project")
+        };
+        assert_eq!(client.client_secret.expose(), "from-a-file");
     }
 
     #[test]

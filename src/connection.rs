@@ -11,9 +11,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy;
-use crate::server::{self, Budget, Shared};
 use crate::smtp::session::Peer;
 use crate::smtp::{Event, Reply, Session};
+use crate::state::{Budget, Shared};
 
 /// Room for reading commands; small, so thousands of idle sessions stay small.
 const COMMAND_CHUNK: usize = 2 * 1024;
@@ -107,13 +107,13 @@ pub async fn serve(
     // Outside the allow list a client may connect only to authenticate.
     if !peer.trusted && state.config.users.is_empty() {
         tracing::info!(client = %client, "refused: not in the allow list");
-        server::refuse(tcp, Reply::PEER_NOT_ALLOWED).await;
+        refuse(tcp, Reply::PEER_NOT_ALLOWED).await;
         return Ok(());
     }
     let Some(_slot) = shared.per_ip_slot(peer_ip, listener.max_connections_per_ip, peer.loopback)
     else {
         tracing::info!(client = %client, "refused: too many connections from this address");
-        server::refuse(tcp, Reply::TOO_MANY_FROM_PEER).await;
+        refuse(tcp, Reply::TOO_MANY_FROM_PEER).await;
         return Ok(());
     };
     let limits = Limits {
@@ -344,4 +344,10 @@ async fn close<S: AsyncWrite + Unpin>(
     stream.flush().await?;
     let _ = stream.shutdown().await;
     Ok(Next::Done)
+}
+
+/// Says `reply` and closes: for a connection refused before its session starts.
+pub async fn refuse(mut tcp: TcpStream, reply: Reply) {
+    let _ = tcp.write_all(&reply.to_bytes()).await;
+    let _ = tcp.shutdown().await;
 }

@@ -23,6 +23,7 @@ pub mod relay;
 pub mod server;
 pub mod smtp;
 pub mod source;
+pub mod state;
 pub mod tls;
 pub mod upstream;
 

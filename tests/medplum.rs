@@ -144,7 +144,10 @@ async fn a_changed_password_never_reuses_a_connection_made_with_the_old_one() {
     assert!(second.contains("AUTH"), "{second}");
     // The pool of the old password is closed within seconds (QUIT).
     common::eventually(|| w.project.commands_of(1).iter().any(|c| c == "QUIT")).await;
-    assert!(!w.project.commands_of(2).iter().any(|c| c == "QUIT"), "the new pool stays");
+    assert!(
+        !w.project.commands_of(2).iter().any(|c| c == "QUIT"),
+        "the new pool stays"
+    );
 }
 
 #[tokio::test]
@@ -390,4 +393,161 @@ async fn a_reload_keeps_warm_connections_and_the_medplum_cache() {
     assert_eq!(w.medplum.reads(PID), 1);
     shutdown.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// The binary at trace level, its log written to a file (a pipe left unread would block it).
+struct Binary {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    async fn start(toml: &str, args: &[&str]) -> (Binary, std::net::SocketAddr) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, format!("[listener]\nsmtp = \"127.0.0.1:0\"\n{toml}")).unwrap();
+        let log = dir.path().join("log");
+        let mut cmd = common::process::command();
+        cmd.args(args)
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "trace")
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = cmd.spawn().unwrap();
+        let binary = Binary {
+            child,
+            log,
+            _dir: dir,
+        };
+        let mut addr = None;
+        common::eventually(|| {
+            let text = binary.log();
+            addr = text
+                .lines()
+                .find_map(|l| l.split("listening on ").nth(1))
+                .and_then(|a| a.split_whitespace().next()?.parse().ok());
+            addr.is_some()
+        })
+        .await;
+        (binary, addr.unwrap())
+    }
+
+    fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    fn stop(mut self) -> String {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap();
+        self.log()
+    }
+}
+
+#[tokio::test]
+async fn a_trace_log_holds_no_secret_and_says_once_when_reads_fail_and_recover() {
+    let w = world().await;
+    let (relay, addr) = Binary::start(
+        &toml(&w.medplum, &w.server, "refresh_secs = 1", &acme_table()),
+        &[],
+    )
+    .await;
+    let send = || async move {
+        let mut c = common::Client::connect(addr).await;
+        c.expect(220).await;
+        c.send_mail("app@app.example", &["x@dest.example"], MSG)
+            .await
+    };
+    assert!(send().await.starts_with("250"));
+    w.medplum.fault(Fault::Status(500));
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(send().await.starts_with("250"), "stale secrets");
+    }
+    w.medplum.fault(Fault::None);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(send().await.starts_with("250"));
+    let log = relay.stop();
+    assert!(log.contains("TRACE"), "a trace-level log");
+    for secret in [
+        CLIENT_SECRET,
+        "tok-acme-client",
+        "pw-one",
+        "bot-secret-value",
+        "valueString",
+    ] {
+        assert!(!log.contains(secret), "{secret} in the log");
+    }
+    assert_eq!(
+        log.matches("Medplum secrets cannot be read").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("Medplum secrets read again").count(), 1);
+    assert_eq!(w.project.received().len(), 5);
+}
+
+/// Runs the binary once with `args` on `toml`; returns its exit success and stdout.
+async fn run_once(toml: String, args: &'static [&'static str]) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, toml).unwrap();
+        let out = common::process::command()
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success(), stdout)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn check_and_send_test_read_medplum_projects_as_the_relay_does() {
+    let w = world().await;
+    let config = toml(&w.medplum, &w.server, "", &acme_table());
+    let (ok, out) = run_once(config.clone(), &["check", "--connect"]).await;
+    assert!(ok, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(PID))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains(&format!(
+            "ok: smtp via 127.0.0.1:{} (starttls)",
+            w.project.port()
+        )) && line.contains("(from Medplum)"),
+        "{line}"
+    );
+    assert!(
+        !out.contains(CLIENT_SECRET) && !out.contains("pw-one"),
+        "{out}"
+    );
+
+    let (ok, out) = run_once(
+        config,
+        &["send-test", "--project", PID, "--to", "x@dest.example"],
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(out.contains("reply:     250"), "{out}");
+    assert_eq!(w.project.received().len(), 1);
+
+    // A client Medplum refuses: check says why, as the relay's reply would, and fails.
+    let table = format!(
+        "[projects.{PID}]\nmedplumClientId = \"{CLIENT}\"\nmedplumClientSecret = \"wrong\"\n"
+    );
+    let (ok, out) = run_once(toml(&w.medplum, &w.server, "", &table), &["check"]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "{PID}: error: Project SMTP configuration cannot be read"
+        )) && out.contains("invalid_client"),
+        "{out}"
+    );
 }
