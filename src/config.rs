@@ -17,7 +17,7 @@ pub use crate::project::{ProjectRelay, ProjectSmtp, SecretKey, SmtpTarget, TlsMo
 use crate::smtp::auth::Users;
 
 /// A password or key: never printed by `Debug` or `Display`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Secret(String);
 
 impl Secret {

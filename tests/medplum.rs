@@ -360,39 +360,79 @@ async fn the_fleet_credential_reads_any_project_named_in_the_header() {
     );
 }
 
-#[tokio::test]
-async fn a_reload_keeps_warm_connections_and_the_medplum_cache() {
-    let w = world().await;
-    let text = format!(
-        "[listener]\nsmtp = \"127.0.0.1:0\"\n{}",
-        toml(&w.medplum, &w.server, "refresh_secs = 60", &acme_table())
-    );
-    let config = Config::from_toml_str(&text, &common::repo()).unwrap();
+/// A relay served with a reload handle, for the reload tests.
+struct Served {
+    addr: std::net::SocketAddr,
+    reloader: project_relay::Reloader,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn listener_config(text: &str) -> Config {
+    let text = format!("[listener]\nsmtp = \"127.0.0.1:0\"\n{text}");
+    Config::from_toml_str(&text, &common::repo()).unwrap()
+}
+
+async fn serve(text: &str) -> Served {
+    let config = listener_config(text);
     let listeners = Listeners::bind(&config).await.unwrap();
     let addr = listeners.smtp_addr().unwrap();
     let server = Server::new(Arc::new(config), listeners).unwrap();
     let reloader = server.reloader();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.run(shutdown.clone()));
-    let send = || async move {
-        let mut c = common::Client::connect(addr).await;
+    Served {
+        addr,
+        reloader,
+        shutdown,
+        task,
+    }
+}
+
+impl Served {
+    async fn send(&self) -> String {
+        let mut c = common::Client::connect(self.addr).await;
         c.expect(220).await;
         c.send_mail("app@app.example", &["x@dest.example"], MSG)
             .await
-    };
-    assert!(send().await.starts_with("250"));
-    reloader
-        .reload(Config::from_toml_str(&text, &common::repo()).unwrap())
-        .unwrap();
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_reload_keeps_warm_connections_and_the_medplum_cache() {
+    let w = world().await;
+    let text = toml(&w.medplum, &w.server, "refresh_secs = 60", &acme_table());
+    let relay = serve(&text).await;
+    assert!(relay.send().await.starts_with("250"));
+    relay.reloader.reload(listener_config(&text)).unwrap();
     // Let the pool retirer run at least once after the reload.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(send().await.starts_with("250"));
+    assert!(relay.send().await.starts_with("250"));
     assert_eq!(w.project.received().len(), 2);
     assert_eq!(w.project.connections(), 1, "the warm connection was kept");
     assert_eq!(w.medplum.token_requests(), 1);
     assert_eq!(w.medplum.reads(PID), 1);
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_secret_fixed_by_a_reload_is_used_at_once() {
+    let w = world().await;
+    let wrong = format!(
+        "[projects.{PID}]\nmedplumClientId = \"{CLIENT}\"\nmedplumClientSecret = \"wrong\"\n"
+    );
+    let relay = serve(&toml(&w.medplum, &w.server, "refresh_secs = 60", &wrong)).await;
+    assert!(relay.send().await.starts_with("451 4.3.5"));
+    let right = toml(&w.medplum, &w.server, "refresh_secs = 60", &acme_table());
+    relay.reloader.reload(listener_config(&right)).unwrap();
+    let reply = relay.send().await;
+    assert!(reply.starts_with("250"), "{reply}");
+    relay.stop().await;
 }
 
 /// The binary at trace level, its log written to a file (a pipe left unread would block it).
@@ -550,4 +590,47 @@ async fn check_and_send_test_read_medplum_projects_as_the_relay_does() {
         )) && out.contains("invalid_client"),
         "{out}"
     );
+}
+
+#[tokio::test]
+async fn medplum_reads_tokens_and_stale_mail_are_counted() {
+    let w = world().await;
+    let id = "feed0000-0000-4000-8000-00000000beef";
+    w.medplum.add_project(
+        id,
+        "metrics-client",
+        "metrics-secret",
+        smtp_secrets(w.project.port(), "pw-one", ""),
+    );
+    let table = format!(
+        "[projects.{id}]\nmedplumClientId = \"metrics-client\"\nmedplumClientSecret = \"metrics-secret\"\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+    );
+    let relay = Relay::start(&toml(&w.medplum, &w.server, "refresh_secs = 1", &table)).await;
+    let msg = format!("X-Project-Id: {id}\r\n\r\nhi\r\n");
+    assert!(send(&relay, msg.as_bytes()).await.starts_with("250"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(send(&relay, msg.as_bytes()).await.starts_with("250"));
+    w.medplum.fault(Fault::Status(503));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(send(&relay, msg.as_bytes()).await.starts_with("250"));
+    let url = format!("http://{}/metrics", relay.admin.unwrap());
+    let text = tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    for line in [
+        format!(r#"relay_medplum_reads_total{{project="{id}",result="ok"}} 1"#),
+        format!(r#"relay_medplum_reads_total{{project="{id}",result="not_modified"}} 1"#),
+        format!(r#"relay_medplum_reads_total{{project="{id}",result="error"}} 1"#),
+        format!(r#"relay_medplum_stale_served_total{{project="{id}"}} 1"#),
+        r#"relay_medplum_token_requests_total{result="ok"}"#.to_owned(),
+    ] {
+        assert!(text.contains(&line), "{line} not in\n{text}");
+    }
 }

@@ -28,7 +28,9 @@ pub struct Medplum {
     settings: config::Medplum,
     http: reqwest::Client,
     tokens: Mutex<HashMap<String, Arc<TokenSlot>>>,
-    projects: Mutex<HashMap<(String, String), Arc<ProjectSlot>>>,
+    /// By project id and the client (id and secret) it is read with: a client changed in
+    /// `relay.toml` starts afresh instead of inheriting the old one's verdict.
+    projects: Mutex<HashMap<(String, String, Secret), Arc<ProjectSlot>>>,
 }
 
 impl std::fmt::Debug for Medplum {
@@ -142,7 +144,7 @@ impl Medplum {
         if !is_resource_id(id) {
             return Lookup::NotFound;
         }
-        let slot = self.slot(id, &client.client_id);
+        let slot = self.slot(id, client);
         if let Some(found) = self.fresh(&slot, id) {
             return found;
         }
@@ -246,9 +248,13 @@ impl Medplum {
             .collect()
     }
 
-    fn slot(&self, id: &str, client_id: &str) -> Arc<ProjectSlot> {
+    fn slot(&self, id: &str, client: &MedplumClient) -> Arc<ProjectSlot> {
         let mut map = self.projects.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (id.to_owned(), client_id.to_owned());
+        let key = (
+            id.to_owned(),
+            client.client_id.clone(),
+            client.client_secret.clone(),
+        );
         if !map.contains_key(&key) && map.len() >= MAX_PROJECTS {
             let horizon = self.settings.refresh.max(self.settings.max_stale);
             map.retain(|_, slot| {
