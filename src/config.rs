@@ -13,7 +13,10 @@ use toml::Value;
 
 use crate::address::{self, ApprovedList, Mailbox};
 use crate::project::{self, Entry, ProjectSecrets, Secrets};
-pub use crate::project::{ProjectRelay, ProjectSmtp, SecretKey, SmtpTarget, TlsMode};
+pub use crate::project::{
+    Auth, Credentials, OAuthClient, PasswordMethod, ProjectRelay, ProjectSmtp, SecretKey,
+    SmtpTarget, TlsMode,
+};
 use crate::smtp::auth::Users;
 
 /// A password or key: never printed by `Debug` or `Display`.
@@ -120,30 +123,8 @@ fn default_max_stale_secs() -> u64 {
 /// development and tests), so client secrets never cross a network in clear.
 fn medplum_url(key: &str, url: &str, problems: &mut Vec<String>) -> String {
     let url = url.trim();
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = match authority.rsplit_once('@').map_or(authority, |(_, h)| h) {
-        h if h.starts_with('[') => h
-            .split(']')
-            .next()
-            .unwrap_or_default()
-            .trim_start_matches('['),
-        h => h.split(':').next().unwrap_or_default(),
-    };
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    match scheme.to_ascii_lowercase().as_str() {
-        _ if host.is_empty() || authority.contains('@') => {
-            problems.push(format!("{key}: must be a URL such as https://api.medplum.com/"))
-        }
-        "https" => {}
-        "http" if loopback => {}
-        "http" => problems.push(format!(
-            "{key}: must be https:// (http:// only to localhost): client secrets must not cross a network in clear"
-        )),
-        _ => problems.push(format!("{key}: must be a URL such as https://api.medplum.com/")),
+    if let Err(why) = project::check_secret_url(url) {
+        problems.push(format!("{key}: {why}"));
     }
     url.to_owned()
 }
@@ -331,6 +312,16 @@ struct RawServerSmtp {
     #[serde(default, rename = "password_file")]
     _password_file: Option<serde::de::IgnoredAny>,
     secure: Option<bool>,
+    auth_method: Option<String>,
+    oauth_token_url: Option<String>,
+    oauth_client_id: Option<String>,
+    oauth_client_secret: Option<Secret>,
+    #[serde(default, rename = "oauth_client_secret_file")]
+    _oauth_client_secret_file: Option<serde::de::IgnoredAny>,
+    oauth_scope: Option<String>,
+    oauth_refresh_token: Option<Secret>,
+    #[serde(default, rename = "oauth_refresh_token_file")]
+    _oauth_refresh_token_file: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -405,6 +396,22 @@ struct RawProject {
     smtp_approved_senders: Option<Value>,
     #[serde(rename = "appName")]
     app_name: Option<Value>,
+    #[serde(rename = "smtpAuthMethod")]
+    smtp_auth_method: Option<Value>,
+    #[serde(rename = "smtpOAuthTokenUrl")]
+    smtp_oauth_token_url: Option<Value>,
+    #[serde(rename = "smtpOAuthClientId")]
+    smtp_oauth_client_id: Option<Value>,
+    #[serde(rename = "smtpOAuthClientSecret")]
+    smtp_oauth_client_secret: Option<Value>,
+    #[serde(rename = "smtpOAuthScope")]
+    smtp_oauth_scope: Option<Value>,
+    #[serde(rename = "smtpOAuthRefreshToken")]
+    smtp_oauth_refresh_token: Option<Value>,
+    #[serde(default, rename = "smtpOAuthClientSecretFile")]
+    _smtp_oauth_client_secret_file: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "smtpOAuthRefreshTokenFile")]
+    _smtp_oauth_refresh_token_file: Option<serde::de::IgnoredAny>,
     /// Listener AUTH for this project: a username, and one password or a list (rotation).
     #[serde(rename = "relayUsername")]
     relay_username: Option<String>,
@@ -656,6 +663,10 @@ const FILE_SECRETS: &[(&str, &str)] = &[
     ("token_file", "token"),
     ("client_secret_file", "client_secret"),
     ("medplumClientSecretFile", "medplumClientSecret"),
+    ("smtpOAuthClientSecretFile", "smtpOAuthClientSecret"),
+    ("smtpOAuthRefreshTokenFile", "smtpOAuthRefreshToken"),
+    ("oauth_client_secret_file", "oauth_client_secret"),
+    ("oauth_refresh_token_file", "oauth_refresh_token"),
 ];
 
 /// Fills in `"${VAR}"` string values from the environment and `*File` secrets from their
@@ -858,20 +869,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             if smtp.port == 0 {
                 problems.push("server.smtp.port: must be 1..65535".into());
             }
-            let credentials = match (smtp.username, smtp.password) {
-                (Some(u), Some(p)) => Some((u, SecretKey::new(p.expose()))),
-                (None, None) => None,
-                (Some(_), None) => {
-                    problems
-                        .push("server.smtp.password: required with server.smtp.username".into());
-                    None
-                }
-                (None, Some(_)) => {
-                    problems
-                        .push("server.smtp.username: required with server.smtp.password".into());
-                    None
-                }
-            };
+            let credentials = server_credentials("server.smtp", &smtp, problems);
             Some(Provider::Smtp(SmtpTarget {
                 host: smtp.host.trim().to_owned(),
                 port: smtp.port,
@@ -1040,6 +1038,85 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
     }
 }
 
+/// `[server.smtp]` credentials: a username and password (PLAIN or LOGIN, or the one
+/// `auth_method` names), or with `auth_method = "xoauth2"` an OAuth2 client.
+fn server_credentials(
+    key: &str,
+    smtp: &RawServerSmtp,
+    problems: &mut Vec<String>,
+) -> Option<Credentials> {
+    let method = match smtp
+        .auth_method
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None => None,
+        Some("plain") => Some(PasswordMethod::Plain),
+        Some("login") => Some(PasswordMethod::Login),
+        Some("xoauth2") => {
+            let mut need = |name: &str, v: Option<&str>| {
+                let v = v.map(str::trim).filter(|v| !v.is_empty());
+                if v.is_none() {
+                    problems.push(format!(
+                        "{key}.{name}: required with auth_method = \"xoauth2\""
+                    ));
+                }
+                v.map(str::to_owned)
+            };
+            let user = need("username", smtp.username.as_deref());
+            let token_url = need("oauth_token_url", smtp.oauth_token_url.as_deref());
+            let client_id = need("oauth_client_id", smtp.oauth_client_id.as_deref());
+            let secret = need(
+                "oauth_client_secret",
+                smtp.oauth_client_secret.as_ref().map(Secret::expose),
+            );
+            if let Some(url) = &token_url
+                && let Err(why) = project::check_secret_url(url)
+            {
+                problems.push(format!("{key}.oauth_token_url: {why}"));
+            }
+            return Some(Credentials {
+                user: user?,
+                auth: Auth::XOAuth2(OAuthClient {
+                    token_url: token_url?,
+                    client_id: client_id?,
+                    client_secret: SecretKey::new(secret?),
+                    scope: smtp.oauth_scope.clone(),
+                    refresh_token: smtp
+                        .oauth_refresh_token
+                        .as_ref()
+                        .map(|t| SecretKey::new(t.expose())),
+                }),
+            });
+        }
+        Some(_) => {
+            problems.push(format!(
+                "{key}.auth_method: must be \"plain\", \"login\" or \"xoauth2\""
+            ));
+            None
+        }
+    };
+    match (&smtp.username, &smtp.password) {
+        (Some(u), Some(p)) => Some(Credentials {
+            user: u.clone(),
+            auth: Auth::Password {
+                password: SecretKey::new(p.expose()),
+                method,
+            },
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            problems.push(format!("{key}.password: required with {key}.username"));
+            None
+        }
+        (None, Some(_)) => {
+            problems.push(format!("{key}.username: required with {key}.password"));
+            None
+        }
+    }
+}
+
 /// Listener credentials are the relay's own settings, not the spec's secrets: a problem there
 /// is a load error, so a typo cannot quietly lock a project's senders out.
 fn relay_user(
@@ -1097,6 +1174,12 @@ fn project_source(
         ("smtpFromAddress", &p.smtp_from_address),
         ("smtpApprovedSenders", &p.smtp_approved_senders),
         ("appName", &p.app_name),
+        ("smtpAuthMethod", &p.smtp_auth_method),
+        ("smtpOAuthTokenUrl", &p.smtp_oauth_token_url),
+        ("smtpOAuthClientId", &p.smtp_oauth_client_id),
+        ("smtpOAuthClientSecret", &p.smtp_oauth_client_secret),
+        ("smtpOAuthScope", &p.smtp_oauth_scope),
+        ("smtpOAuthRefreshToken", &p.smtp_oauth_refresh_token),
     ]
     .into_iter()
     .filter_map(|(key, v)| v.as_ref().map(|v| (key, v)))
@@ -1238,7 +1321,7 @@ appName = "Acme Health"
                 host: "smtp.example.com".into(),
                 port: 587,
                 tls: TlsMode::StartTls,
-                credentials: Some(("u".into(), SecretKey::new("p"))),
+                credentials: Some(Credentials::password("u", "p")),
             }))
         );
         let ProjectSmtp::Active(r) = &c.projects["acme"].file_secrets().unwrap().smtp else {
@@ -1560,14 +1643,16 @@ appName = "Acme Health"
         let Some(Provider::Smtp(t)) = &c.server.provider else {
             panic!()
         };
-        let (user, pw) = t.credentials.as_ref().unwrap();
-        assert_eq!((user.as_str(), pw.expose()), ("env-user", "file-secret"));
+        assert_eq!(
+            t.credentials,
+            Some(Credentials::password("env-user", "file-secret"))
+        );
         let ProjectSmtp::Active(r) = &c.projects["a"].file_secrets().unwrap().smtp else {
             panic!()
         };
         assert_eq!(
-            r.target.credentials.as_ref().unwrap().1.expose(),
-            "file-secret"
+            r.target.credentials,
+            Some(Credentials::password("env-user", "file-secret"))
         );
         assert_eq!(c.users.verify("r", b"file-secret"), Some("a"));
 

@@ -113,3 +113,9 @@ pub fn medplum_token(result: &'static str) {
 pub fn stale_secrets_served(project: &str) {
     counter!("relay_medplum_stale_served_total", "project" => project.to_owned()).increment(1);
 }
+
+/// One request to an OAuth2 token endpoint for XOAUTH2.
+pub fn oauth_token(ok: bool) {
+    counter!("relay_oauth_token_requests_total", "result" => if ok { "ok" } else { "error" })
+        .increment(1);
+}

@@ -7,18 +7,6 @@ use std::sync::Arc;
 
 use crate::address::{self, ApprovedList, Mailbox};
 
-/// The spec's secret names, in the order errors name them.
-pub const SECRET_NAMES: &[&str] = &[
-    "smtpHost",
-    "smtpPort",
-    "smtpUsername",
-    "smtpPassword",
-    "smtpSecure",
-    "smtpFromAddress",
-    "smtpApprovedSenders",
-    "appName",
-];
-
 /// One secret as its source holds it. The type is part of the value: Medplum reads `smtpPort`
 /// only from `valueInteger`, so a port written as text is invalid there as in TOML.
 #[derive(Clone)]
@@ -46,7 +34,7 @@ pub type Secrets = Arc<ProjectSecrets>;
 pub enum ProjectSmtp {
     /// No `smtpHost`: the project's mail uses the server provider.
     None,
-    Active(ProjectRelay),
+    Active(Box<ProjectRelay>),
     /// `smtpHost` set but entries missing or invalid: `(entry, why)` for each.
     Misconfigured(Vec<(&'static str, String)>),
 }
@@ -85,13 +73,94 @@ impl fmt::Display for TlsMode {
     }
 }
 
-/// One upstream SMTP relay and the credentials to use there.
+/// One upstream SMTP relay and the credentials to use there. Pools are keyed by the whole
+/// target: changed credentials never reuse a connection made with the old ones.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SmtpTarget {
     pub host: String,
     pub port: u16,
     pub tls: TlsMode,
-    pub credentials: Option<(String, SecretKey)>,
+    pub credentials: Option<Credentials>,
+}
+
+/// Who the relay is at an upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Credentials {
+    /// The SASL user: the login, or with XOAUTH2 the mailbox.
+    pub user: String,
+    pub auth: Auth,
+}
+
+impl Credentials {
+    pub fn password(user: impl Into<String>, password: impl Into<String>) -> Credentials {
+        Credentials {
+            user: user.into(),
+            auth: Auth::Password {
+                password: SecretKey::new(password),
+                method: None,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Auth {
+    /// PLAIN or LOGIN; `None`: whichever the upstream offers.
+    Password {
+        password: SecretKey,
+        method: Option<PasswordMethod>,
+    },
+    /// SASL XOAUTH2 with a bearer token from this OAuth2 client (Microsoft 365, Google).
+    XOAuth2(OAuthClient),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PasswordMethod {
+    Plain,
+    Login,
+}
+
+/// An OAuth2 client whose tokens the relay presents with XOAUTH2. The token itself is never
+/// part of a target: a connection authenticated with an older token stays usable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OAuthClient {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: SecretKey,
+    pub scope: Option<String>,
+    /// Present: the `refresh_token` grant; absent: `client_credentials`.
+    pub refresh_token: Option<SecretKey>,
+}
+
+/// `https://`, or `http://` to this machine only (tests, a local identity provider or
+/// Medplum): secrets sent to it must not cross a network in clear.
+pub fn check_secret_url(url: &str) -> Result<(), &'static str> {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = if authority.starts_with('[') {
+        authority
+            .split(']')
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+    } else {
+        authority.split(':').next().unwrap_or_default()
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match scheme.to_ascii_lowercase().as_str() {
+        _ if host.is_empty() || authority.contains('@') || url.chars().any(char::is_whitespace) => {
+            Err("must be a URL such as https://login.example.com/token")
+        }
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(
+            "must be https:// (http:// only to localhost): secrets must not cross a network in clear",
+        ),
+        _ => Err("must be a URL such as https://login.example.com/token"),
+    }
 }
 
 impl fmt::Display for SmtpTarget {
@@ -149,6 +218,13 @@ impl ProjectSmtp {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Plain,
+    Login,
+    XOAuth2,
+}
+
 /// `"a@x, b@y"` or `["a@x", "b@y"]`.
 pub fn approved_list(entry: Entry<'_>) -> Option<ApprovedList> {
     match entry {
@@ -201,21 +277,64 @@ pub fn build<'a>(secret: impl Fn(&'static str) -> Option<Entry<'a>>) -> ProjectS
     };
     let host = required_string("smtpHost", Some(host));
     let username = required_string("smtpUsername", secret("smtpUsername"));
+    let method = match secret("smtpAuthMethod") {
+        None => Some(None),
+        Some(Entry::Text(m)) => match m.trim().to_ascii_lowercase().as_str() {
+            "plain" => Some(Some(Method::Plain)),
+            "login" => Some(Some(Method::Login)),
+            "xoauth2" => Some(Some(Method::XOAuth2)),
+            _ => None,
+        },
+        Some(_) => None,
+    };
+    if method.is_none() {
+        bad.push((
+            "smtpAuthMethod",
+            "must be \"plain\", \"login\" or \"xoauth2\"".into(),
+        ));
+    }
+    let oauth = method == Some(Some(Method::XOAuth2));
     // The password is compared as written: leading spaces may be part of it.
-    let password = match secret("smtpPassword") {
+    let mut secret_text = |name: &'static str, required: bool| match secret(name) {
         Some(Entry::Text(s)) if !s.is_empty() => Some(s.to_owned()),
         Some(Entry::Text(_)) => {
-            bad.push(("smtpPassword", "empty".into()));
+            bad.push((name, "empty".into()));
             None
         }
         Some(_) => {
-            bad.push(("smtpPassword", "must be a string".into()));
+            bad.push((name, "must be a string".into()));
             None
         }
-        None => {
-            bad.push(("smtpPassword", "missing".into()));
+        None if required => {
+            bad.push((name, "missing".into()));
             None
         }
+        None => None,
+    };
+    let password = secret_text("smtpPassword", !oauth);
+    let oauth_client = if oauth {
+        let token_url = secret_text("smtpOAuthTokenUrl", true);
+        let client_id = secret_text("smtpOAuthClientId", true);
+        let client_secret = secret_text("smtpOAuthClientSecret", true);
+        let scope = secret_text("smtpOAuthScope", false);
+        let refresh_token = secret_text("smtpOAuthRefreshToken", false);
+        if let Some(url) = &token_url
+            && let Err(why) = check_secret_url(url.trim())
+        {
+            bad.push(("smtpOAuthTokenUrl", why.into()));
+        }
+        match (token_url, client_id, client_secret) {
+            (Some(token_url), Some(client_id), Some(client_secret)) => Some(OAuthClient {
+                token_url: token_url.trim().to_owned(),
+                client_id: client_id.trim().to_owned(),
+                client_secret: SecretKey(client_secret),
+                scope: scope.map(|s| s.trim().to_owned()),
+                refresh_token: refresh_token.map(SecretKey),
+            }),
+            _ => None,
+        }
+    } else {
+        None
     };
     let port = match secret("smtpPort") {
         Some(Entry::Integer(n)) if (1..=65535).contains(&n) => Some(n as u16),
@@ -267,20 +386,36 @@ pub fn build<'a>(secret: impl Fn(&'static str) -> Option<Entry<'a>>) -> ProjectS
         }
     };
 
-    let smtp = match (host, port, username, password, from, approved) {
-        (Some(host), Some(port), Some(user), Some(pass), Some(from), Some(approved))
+    let auth = match (method.flatten(), password, oauth_client) {
+        (Some(Method::XOAuth2), _, Some(client)) => Some(Auth::XOAuth2(client)),
+        (Some(Method::Plain), Some(p), _) => Some(Auth::Password {
+            password: SecretKey(p),
+            method: Some(PasswordMethod::Plain),
+        }),
+        (Some(Method::Login), Some(p), _) => Some(Auth::Password {
+            password: SecretKey(p),
+            method: Some(PasswordMethod::Login),
+        }),
+        (None, Some(p), _) => Some(Auth::Password {
+            password: SecretKey(p),
+            method: None,
+        }),
+        _ => None,
+    };
+    let smtp = match (host, port, username, auth, from, approved) {
+        (Some(host), Some(port), Some(user), Some(auth), Some(from), Some(approved))
             if bad.is_empty() =>
         {
-            ProjectSmtp::Active(ProjectRelay {
+            ProjectSmtp::Active(Box::new(ProjectRelay {
                 target: SmtpTarget {
                     host,
                     port,
                     tls: TlsMode::infer(secure, port),
-                    credentials: Some((user, SecretKey(pass))),
+                    credentials: Some(Credentials { user, auth }),
                 },
                 from,
                 approved,
-            })
+            }))
         }
         _ => ProjectSmtp::Misconfigured(bad),
     };
@@ -317,7 +452,14 @@ mod tests {
             panic!("not active")
         };
         assert_eq!(r.target.tls, TlsMode::StartTls);
-        assert_eq!(r.target.credentials.unwrap().1.expose(), " p");
+        let Some(Credentials {
+            auth: Auth::Password { password, .. },
+            ..
+        }) = r.target.credentials
+        else {
+            panic!("no password")
+        };
+        assert_eq!(password.expose(), " p");
         let mut port_as_text = good.clone();
         port_as_text[1] = ("smtpPort", Entry::Text("587"));
         assert_eq!(build_from(&port_as_text).smtp.bad_entries(), ["smtpPort"]);

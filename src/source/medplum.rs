@@ -175,7 +175,7 @@ impl Medplum {
                 metrics::medplum_read(id, "ok");
                 let same = state.version.is_some() && state.version == version;
                 if !same || !matches!(state.verdict, Some(Verdict::Found(_))) {
-                    state.verdict = Some(Verdict::Found(Arc::new(secrets)));
+                    state.verdict = Some(Verdict::Found(Arc::new(*secrets)));
                 }
                 state.version = version;
                 state.checked = Some(now);
@@ -469,7 +469,7 @@ enum Read {
     NotModified,
     Found {
         version: Option<String>,
-        secrets: ProjectSecrets,
+        secrets: Box<ProjectSecrets>,
     },
     NotFound,
 }
@@ -556,7 +556,10 @@ fn parse_project(body: &[u8], id: &str) -> Result<Read, Failure> {
             _ => Entry::Other,
         })
     });
-    Ok(Read::Found { version, secrets })
+    Ok(Read::Found {
+        version,
+        secrets: Box::new(secrets),
+    })
 }
 
 /// What `check` says of a project read from Medplum.

@@ -271,6 +271,11 @@ impl Session {
                 self.command(Stage::Auth, &format!("AUTH PLAIN {token}\r\n"))
                     .await?
             }
+            Mechanism::XOAuth2(token) => {
+                let response = b64.encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"));
+                self.command(Stage::Auth, &format!("AUTH XOAUTH2 {response}\r\n"))
+                    .await?
+            }
             Mechanism::Login(password) => {
                 let first = self.command(Stage::Auth, "AUTH LOGIN\r\n").await?;
                 if first.code != 334 {
@@ -289,8 +294,9 @@ impl Session {
             }
         };
         let reply = if reply.code == 334 {
-            // A challenge we did not expect (or an error in a challenge): cancel the exchange
-            // with an empty line and read the final reply (RFC 4954 §4).
+            // A challenge we did not expect, or an error in a challenge (Google answers a
+            // refused XOAUTH2 token with a 334 carrying JSON): cancel the exchange with an
+            // empty line and read the final reply (RFC 4954 §4).
             self.command(Stage::Auth, "\r\n").await?
         } else {
             reply
@@ -548,6 +554,8 @@ impl Session {
 pub enum Mechanism<'a> {
     Plain(&'a str),
     Login(&'a str),
+    /// The bearer token (Microsoft's and Google's SASL XOAUTH2).
+    XOAuth2(&'a str),
 }
 
 /// The TLS handshake with certificate and name checks.

@@ -7,6 +7,7 @@
 //! without a dot-stuffed copy of it.
 
 mod client;
+mod oauth;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -19,7 +20,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{SmtpTarget, TlsMode};
+use crate::config::{Auth, PasswordMethod, SmtpTarget, TlsMode};
 use crate::smtp::Reply;
 use client::{Envelope, Mechanism, Progress, Session, Stream};
 
@@ -111,6 +112,8 @@ pub enum UpstreamError {
         address: String,
         why: &'static str,
     },
+    /// No OAuth2 token for XOAUTH2: the endpoint's host and the OAuth2 error code.
+    OAuth(String),
     /// Every allowed connection to the upstream stayed busy for the whole wait.
     Busy {
         limit: usize,
@@ -154,7 +157,7 @@ impl UpstreamError {
                 Reply::upstream_lost(&format!("{host}: connection lost at {stage}: {detail}"))
             }
             UpstreamError::Tls(why) => Reply::upstream_tls(why),
-            UpstreamError::Auth(why) => Reply::upstream_auth(why),
+            UpstreamError::Auth(why) | UpstreamError::OAuth(why) => Reply::upstream_auth(why),
             UpstreamError::Refused {
                 stage: Stage::Auth,
                 code,
@@ -231,6 +234,8 @@ impl fmt::Debug for Settings {
 /// the warm connections its new config can still use.
 pub struct Upstreams {
     settings: RwLock<Arc<Settings>>,
+    /// XOAUTH2 tokens, by OAuth2 client; never part of a pool key.
+    oauth: Arc<oauth::Tokens>,
     pools: Mutex<HashMap<SmtpTarget, Arc<Pool>>>,
     /// QUITs under way, so a stop can wait for them.
     closing: TaskTracker,
@@ -306,6 +311,7 @@ impl Conn {
 impl Upstreams {
     pub fn new(settings: Settings) -> Upstreams {
         Upstreams {
+            oauth: Arc::new(oauth::Tokens::new(&settings.tls, settings.timeout)),
             settings: RwLock::new(Arc::new(settings)),
             pools: Mutex::new(HashMap::new()),
             closing: TaskTracker::new(),
@@ -326,6 +332,7 @@ impl Upstreams {
     /// Takes new settings (a reload). Connections made with another TLS setup, EHLO name or
     /// connection cap are closed; otherwise every warm connection stays.
     pub fn configure(&self, settings: Settings) {
+        self.oauth.configure(&settings.tls, settings.timeout);
         let old = std::mem::replace(
             &mut *self.settings.write().unwrap_or_else(|e| e.into_inner()),
             Arc::new(settings),
@@ -355,6 +362,14 @@ impl Upstreams {
                 self.closing.spawn(conn.retire());
             }
         }
+        let clients: Vec<&crate::project::OAuthClient> = keep
+            .iter()
+            .filter_map(|t| match t.credentials.as_ref().map(|c| &c.auth) {
+                Some(Auth::XOAuth2(client)) => Some(client),
+                _ => None,
+            })
+            .collect();
+        self.oauth.retain(&clients);
     }
 
     /// Number of idle pooled connections, all upstreams together.
@@ -559,7 +574,7 @@ impl Upstreams {
         settings: &Settings,
         permit: OwnedSemaphorePermit,
     ) -> Result<Conn, UpstreamError> {
-        let session = connect_bounded(target, settings).await?;
+        let session = connect_bounded(target, settings, &self.oauth).await?;
         crate::metrics::upstream_connection_opened(&target.host);
         Ok(Conn {
             session,
@@ -575,7 +590,7 @@ impl Upstreams {
     /// checked.
     pub async fn probe(&self, target: &SmtpTarget) -> Result<String, UpstreamError> {
         let settings = self.settings();
-        let session = connect_bounded(target, &settings).await?;
+        let session = connect_bounded(target, &settings, &self.oauth).await?;
         let tls = match (session.encrypted, target.tls) {
             (true, TlsMode::Implicit) => "TLS",
             (true, TlsMode::StartTls) => "TLS (STARTTLS)",
@@ -647,8 +662,18 @@ async fn attempt(
 async fn connect_bounded(
     target: &SmtpTarget,
     settings: &Settings,
+    oauth: &Arc<oauth::Tokens>,
 ) -> Result<Session, UpstreamError> {
-    match tokio::time::timeout(settings.timeout, connect(target, settings)).await {
+    let connect = async {
+        match connect(target, settings, oauth, None).await {
+            // A refused token: drop it and try once more with a new one, on a new connection.
+            Err(Refused::Token(token)) => connect(target, settings, oauth, Some(&token))
+                .await
+                .map_err(Refused::into_error),
+            other => other.map_err(Refused::into_error),
+        }
+    };
+    match tokio::time::timeout(settings.timeout, connect).await {
         Ok(result) => result,
         Err(_) => Err(UpstreamError::Timeout {
             stage: Stage::Connect,
@@ -662,9 +687,38 @@ async fn connect_bounded(
     }
 }
 
+/// Why `connect` gave up: an error, or an XOAUTH2 token the upstream refused.
+enum Refused {
+    Error(UpstreamError),
+    Token(crate::project::SecretKey),
+}
+
+impl Refused {
+    fn into_error(self) -> UpstreamError {
+        match self {
+            Refused::Error(e) => e,
+            Refused::Token(_) => {
+                UpstreamError::Auth("the upstream refused a new OAuth2 token".into())
+            }
+        }
+    }
+}
+
+impl From<UpstreamError> for Refused {
+    fn from(e: UpstreamError) -> Self {
+        Refused::Error(e)
+    }
+}
+
 /// TCP (with TCP_NODELAY), implicit TLS or STARTTLS, EHLO, and AUTH. A session abandoned after
 /// the greeting (credentials refused, or not to be sent in clear) is ended with QUIT.
-async fn connect(target: &SmtpTarget, settings: &Settings) -> Result<Session, UpstreamError> {
+/// `refused`: an XOAUTH2 token the upstream refused before, so a new one is used.
+async fn connect(
+    target: &SmtpTarget,
+    settings: &Settings,
+    oauth: &Arc<oauth::Tokens>,
+    refused: Option<&crate::project::SecretKey>,
+) -> Result<Session, Refused> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
@@ -688,7 +742,7 @@ async fn connect(target: &SmtpTarget, settings: &Settings) -> Result<Session, Up
             }
         }
     };
-    let Some((user, password)) = &target.credentials else {
+    let Some(credentials) = &target.credentials else {
         return Ok(session);
     };
     // The decision rests on this session's own TLS state, which it negotiated itself.
@@ -698,26 +752,65 @@ async fn connect(target: &SmtpTarget, settings: &Settings) -> Result<Session, Up
             "{}: it offered no STARTTLS, and credentials are not sent in clear \
              (use smtpSecure = true, or an upstream with STARTTLS)",
             target.host
-        )));
+        ))
+        .into());
     }
-    let mechanism = if session.ext.auth.iter().any(|m| m == "PLAIN") {
-        Mechanism::Plain(password.expose())
-    } else if session.ext.auth.iter().any(|m| m == "LOGIN") {
-        Mechanism::Login(password.expose())
-    } else {
-        let _ = tokio::time::timeout(QUIT_TIMEOUT, session.quit()).await;
-        return Err(UpstreamError::Auth(format!(
-            "{}: it offers no AUTH PLAIN or LOGIN",
-            target.host
-        )));
+    let offers = |m: &str| session.ext.auth.iter().any(|a| a == m);
+    let token = match &credentials.auth {
+        Auth::XOAuth2(client) if offers("XOAUTH2") => Some(oauth.get(client, refused).await?),
+        _ => None,
     };
-    match session.auth(mechanism, user).await {
+    let mechanism = match (&credentials.auth, &token) {
+        (Auth::XOAuth2(_), Some(token)) => Mechanism::XOAuth2(token.expose()),
+        (
+            Auth::Password {
+                password,
+                method: None | Some(PasswordMethod::Plain),
+            },
+            _,
+        ) if offers("PLAIN") => Mechanism::Plain(password.expose()),
+        (
+            Auth::Password {
+                password,
+                method: None | Some(PasswordMethod::Login),
+            },
+            _,
+        ) if offers("LOGIN") => Mechanism::Login(password.expose()),
+        (auth, _) => {
+            let wanted = match auth {
+                Auth::XOAuth2(_) => "XOAUTH2",
+                Auth::Password {
+                    method: Some(PasswordMethod::Plain),
+                    ..
+                } => "PLAIN",
+                Auth::Password {
+                    method: Some(PasswordMethod::Login),
+                    ..
+                } => "LOGIN",
+                Auth::Password { .. } => "PLAIN or LOGIN",
+            };
+            let _ = tokio::time::timeout(QUIT_TIMEOUT, session.quit()).await;
+            return Err(UpstreamError::Auth(format!(
+                "{}: it offers no AUTH {wanted}",
+                target.host
+            ))
+            .into());
+        }
+    };
+    match session.auth(mechanism, &credentials.user).await {
         Ok(()) => Ok(session),
         Err(e @ UpstreamError::Refused { .. }) => {
             let _ = tokio::time::timeout(QUIT_TIMEOUT, session.quit()).await;
-            Err(e)
+            match token {
+                // Refused with a cached token: the caller tries once more with a new one.
+                Some(token) if refused.is_none() => {
+                    tracing::debug!(upstream = %target.host, "XOAUTH2 token refused; getting a new one");
+                    Err(Refused::Token(token))
+                }
+                _ => Err(e.into()),
+            }
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
