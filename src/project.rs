@@ -485,4 +485,54 @@ mod tests {
         // Nothing said about a value ever repeats it.
         assert!(!format!("{:?}", build_from(&good)).contains(" p\""));
     }
+
+    #[test]
+    fn xoauth2_needs_its_client_and_no_password() {
+        let base = [
+            ("smtpHost", Entry::Text("smtp.office365.com")),
+            ("smtpPort", Entry::Integer(587)),
+            ("smtpUsername", Entry::Text("printer@contoso.example")),
+            ("smtpFromAddress", Entry::Text("printer@contoso.example")),
+            ("smtpAuthMethod", Entry::Text("xoauth2")),
+        ];
+        assert_eq!(
+            build_from(&base).smtp.bad_entries(),
+            [
+                "smtpOAuthTokenUrl",
+                "smtpOAuthClientId",
+                "smtpOAuthClientSecret"
+            ]
+        );
+        let mut full = base.to_vec();
+        full.extend([
+            (
+                "smtpOAuthTokenUrl",
+                Entry::Text("https://login.microsoftonline.com/t/oauth2/v2.0/token"),
+            ),
+            ("smtpOAuthClientId", Entry::Text("app")),
+            ("smtpOAuthClientSecret", Entry::Text("s")),
+        ]);
+        let ProjectSmtp::Active(r) = build_from(&full).smtp else {
+            panic!("not active")
+        };
+        assert!(matches!(
+            r.target.credentials.unwrap().auth,
+            Auth::XOAuth2(OAuthClient {
+                refresh_token: None,
+                ..
+            })
+        ));
+        let mut clear = full.clone();
+        clear[5] = (
+            "smtpOAuthTokenUrl",
+            Entry::Text("http://login.example/token"),
+        );
+        assert_eq!(build_from(&clear).smtp.bad_entries(), ["smtpOAuthTokenUrl"]);
+        let mut unknown = full.clone();
+        unknown[4] = ("smtpAuthMethod", Entry::Text("cram-md5"));
+        assert_eq!(
+            build_from(&unknown).smtp.bad_entries(),
+            ["smtpAuthMethod", "smtpPassword"]
+        );
+    }
 }

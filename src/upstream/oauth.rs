@@ -90,6 +90,12 @@ impl Tokens {
             return Ok(t.access.clone());
         }
         let token = self.request(client, &slot).await?;
+        if Instant::now() >= token.usable_until {
+            return Err(UpstreamError::OAuth(format!(
+                "token endpoint {}: the token it issued expires at once",
+                host_of(&client.token_url)
+            )));
+        }
         let access = token.access.clone();
         *cached = Some(token);
         Ok(access)

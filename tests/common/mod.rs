@@ -6,6 +6,7 @@
 
 pub mod medplum;
 pub mod netns;
+pub mod oauth;
 pub mod process;
 pub mod upstream;
 

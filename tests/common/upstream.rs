@@ -39,9 +39,21 @@ pub struct Script {
     pub size: Option<u64>,
     /// Refuse every AUTH with this reply (and count it as a failure).
     pub auth_reply: Option<String>,
+    /// Offer only AUTH XOAUTH2, and accept the bearer tokens this test token endpoint issued
+    /// and has not expired or revoked.
+    pub xoauth2: Option<XOAuth2>,
     /// Percent of messages that meet a random fault: a 451, a dropped connection (before or
     /// after the data), or a stall.
     pub chaos_percent: u32,
+}
+
+/// What an XOAUTH2 upstream checks a bearer token against.
+#[derive(Clone, Debug, Default)]
+pub struct XOAuth2 {
+    pub tokens: super::oauth::Issued,
+    /// Answer a bad token as Google does: a 334 challenge carrying a JSON error, then, after
+    /// the client's empty line, 535. Otherwise 535 at once, as Microsoft does.
+    pub google: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -291,7 +303,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             if script.starttls.is_some() && !tls {
                 ext.push("STARTTLS".into());
             }
-            if !script.auth.is_empty() {
+            if script.xoauth2.is_some() {
+                ext.push("AUTH XOAUTH2".into());
+            } else if !script.auth.is_empty() {
                 ext.push("AUTH PLAIN LOGIN".into());
             }
             let last = ext.len() - 1;
@@ -303,6 +317,41 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         } else if upper == "STARTTLS" {
             say!("220 2.0.0 go ahead");
             return Some(r.into_inner());
+        } else if upper.starts_with("AUTH XOAUTH2") && script.xoauth2.is_some() {
+            let check = script.xoauth2.clone().unwrap();
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let arg = text.split_whitespace().nth(2).unwrap_or_default();
+            let raw = String::from_utf8_lossy(&b64.decode(arg).unwrap_or_default()).into_owned();
+            let user = raw
+                .strip_prefix("user=")
+                .and_then(|r| r.split('\x01').next())
+                .unwrap_or_default()
+                .to_owned();
+            let token = raw
+                .split('\x01')
+                .find_map(|p| p.strip_prefix("auth=Bearer "))
+                .unwrap_or_default()
+                .to_owned();
+            let well_formed = raw.ends_with("\x01\x01");
+            if well_formed && check.tokens.is_valid(&token) {
+                authed = Some(user);
+                say!("235 2.7.0 Authentication successful");
+            } else if check.google {
+                say!(
+                    "334 {}",
+                    b64.encode(
+                        r#"{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}"#
+                    )
+                );
+                let line = read_line(&mut r, kill).await?;
+                if !line.iter().all(|b| *b == b'\r' || *b == b'\n') {
+                    say!("501 5.5.2 expected an empty line");
+                    continue;
+                }
+                say!("535 5.7.8 Username and Password not accepted");
+            } else {
+                say!("535 5.7.3 Authentication unsuccessful");
+            }
         } else if upper.starts_with("AUTH ") {
             if script.auth.is_empty() {
                 say!("502 5.5.1 no AUTH here");
@@ -364,7 +413,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 say!("535 5.7.8 bad credentials");
             }
         } else if upper.starts_with("MAIL FROM:") {
-            if !script.auth.is_empty() && authed.is_none() {
+            if (!script.auth.is_empty() || script.xoauth2.is_some()) && authed.is_none() {
                 say!("530 5.7.0 authentication required");
                 continue;
             }
