@@ -14,8 +14,8 @@ use toml::Value;
 use crate::address::{self, ApprovedList, Mailbox};
 use crate::project::{self, Entry, ProjectSecrets, Secrets};
 pub use crate::project::{
-    Auth, Credentials, OAuthClient, PasswordMethod, ProjectRelay, ProjectSmtp, SecretKey,
-    SmtpTarget, TlsMode,
+    Auth, Credentials, Limits, OAuthClient, PasswordMethod, ProjectRelay, ProjectSmtp, RateLimit,
+    SecretKey, SmtpTarget, TlsMode,
 };
 use crate::smtp::auth::Users;
 
@@ -286,6 +286,7 @@ struct RawServer {
     #[serde(rename = "approvedSenderEmails")]
     approved_sender_emails: Option<Value>,
     smtp: Option<RawServerSmtp>,
+    smtp_fallback: Option<RawServerSmtp>,
     capture: Option<RawCapture>,
 }
 
@@ -296,6 +297,7 @@ impl Default for RawServer {
             support_email: None,
             approved_sender_emails: None,
             smtp: None,
+            smtp_fallback: None,
             capture: None,
         }
     }
@@ -322,6 +324,8 @@ struct RawServerSmtp {
     oauth_refresh_token: Option<Secret>,
     #[serde(default, rename = "oauth_refresh_token_file")]
     _oauth_refresh_token_file: Option<serde::de::IgnoredAny>,
+    rate_limit: Option<String>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -347,6 +351,17 @@ struct RawUpstream {
     limit_wait_secs: u64,
     #[serde(default = "default_max_messages_per_connection")]
     max_messages_per_connection: u32,
+    #[serde(default = "default_circuit_failures")]
+    circuit_failures: u32,
+    #[serde(default = "default_circuit_open_secs")]
+    circuit_open_secs: u64,
+}
+
+fn default_circuit_failures() -> u32 {
+    3
+}
+fn default_circuit_open_secs() -> u64 {
+    30
 }
 
 /// Postfix's default `smtpd_client_connection_count_limit`.
@@ -368,6 +383,8 @@ impl Default for RawUpstream {
             timeout_secs: default_timeout_secs(),
             pool_size: default_pool_size(),
             helo_name: None,
+            circuit_failures: default_circuit_failures(),
+            circuit_open_secs: default_circuit_open_secs(),
             max_connections_per_upstream: default_max_connections_per_upstream(),
             limit_wait_secs: default_limit_wait(),
             max_messages_per_connection: default_max_messages_per_connection(),
@@ -408,6 +425,22 @@ struct RawProject {
     smtp_oauth_scope: Option<Value>,
     #[serde(rename = "smtpOAuthRefreshToken")]
     smtp_oauth_refresh_token: Option<Value>,
+    #[serde(rename = "smtpFallbackHost")]
+    smtp_fallback_host: Option<Value>,
+    #[serde(rename = "smtpFallbackPort")]
+    smtp_fallback_port: Option<Value>,
+    #[serde(rename = "smtpFallbackUsername")]
+    smtp_fallback_username: Option<Value>,
+    #[serde(rename = "smtpFallbackPassword")]
+    smtp_fallback_password: Option<Value>,
+    #[serde(rename = "smtpFallbackSecure")]
+    smtp_fallback_secure: Option<Value>,
+    #[serde(default, rename = "smtpFallbackPasswordFile")]
+    _smtp_fallback_password_file: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "smtpRateLimit")]
+    smtp_rate_limit: Option<Value>,
+    #[serde(rename = "smtpMaxConnections")]
+    smtp_max_connections: Option<Value>,
     #[serde(default, rename = "smtpOAuthClientSecretFile")]
     _smtp_oauth_client_secret_file: Option<serde::de::IgnoredAny>,
     #[serde(default, rename = "smtpOAuthRefreshTokenFile")]
@@ -515,6 +548,9 @@ pub struct Server {
     pub support_email: Option<Mailbox>,
     pub approved_sender_emails: ApprovedList,
     pub provider: Option<Provider>,
+    /// `[server.smtp_fallback]`: takes server mail the provider did not take.
+    pub fallback: Option<SmtpTarget>,
+    pub limits: Limits,
 }
 
 /// Where the server-wide mail goes.
@@ -538,6 +574,10 @@ pub struct Upstream {
     pub limit_wait: Duration,
     /// Messages one upstream connection carries before it is replaced (0: no limit).
     pub max_messages_per_connection: u32,
+    /// Failures in a row after which a primary relay with a fallback is skipped...
+    pub circuit_failures: u32,
+    /// ... for this long; then one message tries it again.
+    pub circuit_open: Duration,
 }
 
 /// A project the file names: where its secrets come from, and the relay-local settings.
@@ -664,6 +704,7 @@ const FILE_SECRETS: &[(&str, &str)] = &[
     ("client_secret_file", "client_secret"),
     ("medplumClientSecretFile", "medplumClientSecret"),
     ("smtpOAuthClientSecretFile", "smtpOAuthClientSecret"),
+    ("smtpFallbackPasswordFile", "smtpFallbackPassword"),
     ("smtpOAuthRefreshTokenFile", "smtpOAuthRefreshToken"),
     ("oauth_client_secret_file", "oauth_client_secret"),
     ("oauth_refresh_token_file", "oauth_refresh_token"),
@@ -857,28 +898,60 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             ApprovedList::default()
         }),
     };
-    let provider = match (s.smtp, s.capture) {
+    let server_target = |key: &str, smtp: &RawServerSmtp, problems: &mut Vec<String>| {
+        if smtp.host.trim().is_empty() {
+            problems.push(format!("{key}.host: must not be empty"));
+        }
+        if smtp.port == 0 {
+            problems.push(format!("{key}.port: must be 1..65535"));
+        }
+        SmtpTarget {
+            host: smtp.host.trim().to_owned(),
+            port: smtp.port,
+            tls: TlsMode::infer(smtp.secure, smtp.port),
+            credentials: server_credentials(key, smtp, problems),
+        }
+    };
+    let mut server_limits = Limits::default();
+    let provider = match (&s.smtp, s.capture) {
         (Some(_), Some(_)) => {
             problems.push("server: set one of [server.smtp] and [server.capture], not both".into());
             None
         }
         (Some(smtp), None) => {
-            if smtp.host.trim().is_empty() {
-                problems.push("server.smtp.host: must not be empty".into());
+            server_limits.rate = smtp.rate_limit.as_deref().and_then(|r| {
+                let rate = project::RateLimit::parse(r);
+                if rate.is_none() {
+                    problems.push(
+                        "server.smtp.rate_limit: must be \"N/s\", \"N/min\" or \"N/h\"".into(),
+                    );
+                }
+                rate
+            });
+            if smtp.max_connections == Some(0) {
+                problems.push("server.smtp.max_connections: must be greater than 0".into());
             }
-            if smtp.port == 0 {
-                problems.push("server.smtp.port: must be 1..65535".into());
-            }
-            let credentials = server_credentials("server.smtp", &smtp, problems);
-            Some(Provider::Smtp(SmtpTarget {
-                host: smtp.host.trim().to_owned(),
-                port: smtp.port,
-                tls: TlsMode::infer(smtp.secure, smtp.port),
-                credentials,
-            }))
+            server_limits.max_connections = smtp.max_connections;
+            Some(Provider::Smtp(server_target("server.smtp", smtp, problems)))
         }
         (None, Some(c)) => Some(Provider::Capture(resolve(base, c.dir))),
         (None, None) => None,
+    };
+    let server_fallback = match (&s.smtp_fallback, &s.smtp) {
+        (Some(f), Some(_)) => {
+            if f.rate_limit.is_some() || f.max_connections.is_some() {
+                problems.push(
+                    "server.smtp_fallback: rate_limit and max_connections belong in [server.smtp]"
+                        .into(),
+                );
+            }
+            Some(server_target("server.smtp_fallback", f, problems))
+        }
+        (Some(_), None) => {
+            problems.push("server.smtp_fallback: needs [server.smtp]".into());
+            None
+        }
+        (None, _) => None,
     };
 
     let proxy_protocol_from = match &l.proxy_protocol_from {
@@ -1023,6 +1096,8 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             support_email,
             approved_sender_emails,
             provider,
+            fallback: server_fallback,
+            limits: server_limits,
         },
         upstream: Upstream {
             ca_file: raw.upstream.ca_file.map(|p| resolve(base, p)),
@@ -1032,6 +1107,8 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Config {
             max_connections_per_upstream: raw.upstream.max_connections_per_upstream,
             limit_wait: Duration::from_secs(raw.upstream.limit_wait_secs),
             max_messages_per_connection: raw.upstream.max_messages_per_connection,
+            circuit_failures: raw.upstream.circuit_failures.max(1),
+            circuit_open: Duration::from_secs(raw.upstream.circuit_open_secs),
         },
         projects,
         medplum,
@@ -1180,6 +1257,13 @@ fn project_source(
         ("smtpOAuthClientSecret", &p.smtp_oauth_client_secret),
         ("smtpOAuthScope", &p.smtp_oauth_scope),
         ("smtpOAuthRefreshToken", &p.smtp_oauth_refresh_token),
+        ("smtpFallbackHost", &p.smtp_fallback_host),
+        ("smtpFallbackPort", &p.smtp_fallback_port),
+        ("smtpFallbackUsername", &p.smtp_fallback_username),
+        ("smtpFallbackPassword", &p.smtp_fallback_password),
+        ("smtpFallbackSecure", &p.smtp_fallback_secure),
+        ("smtpRateLimit", &p.smtp_rate_limit),
+        ("smtpMaxConnections", &p.smtp_max_connections),
     ]
     .into_iter()
     .filter_map(|(key, v)| v.as_ref().map(|v| (key, v)))

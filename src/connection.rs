@@ -223,6 +223,7 @@ impl Ctx<'_> {
         loop {
             // Everything already buffered first: pipelined commands each get their reply.
             let mut start = 0;
+            let mut early = Vec::new();
             loop {
                 let (used, event) = session.feed(&buf[start..]);
                 start += used;
@@ -273,13 +274,40 @@ impl Ctx<'_> {
                         // Each message takes the config current when it completes: a reload
                         // applies to the next message, never to one in flight.
                         let state = self.shared.current();
-                        let reply = state.relay.relay(tx).await;
+                        let committed = std::sync::atomic::AtomicBool::new(false);
+                        let relay = state.relay.relay_committed(tx, &committed);
+                        tokio::pin!(relay);
+                        // While the message waits for its sender's limits, a client that
+                        // leaves loses its place (nothing is sent). Bytes it pipelines
+                        // meanwhile are kept for after the reply.
+                        let mut gone = false;
+                        let outcome = loop {
+                            tokio::select! {
+                                outcome = &mut relay => break Some(outcome),
+                                read = stream.read_buf(&mut early), if !gone && early.len() < COMMAND_CHUNK => {
+                                    if matches!(read, Ok(0) | Err(_)) {
+                                        gone = true;
+                                        if !committed.load(std::sync::atomic::Ordering::Acquire) {
+                                            break None;
+                                        }
+                                    }
+                                }
+                            }
+                        };
+                        let Some(outcome) = outcome else {
+                            tracing::info!(
+                                "client left while its message waited for a sending limit; nothing was sent"
+                            );
+                            return Ok(Next::Done);
+                        };
                         budget.release_all();
-                        reply.write_to(&mut out);
+                        outcome.reply.write_to(&mut out);
                     }
                 }
             }
             buf.drain(..start);
+            let pipelined = !early.is_empty();
+            buf.extend_from_slice(&early);
             if session.is_idle() {
                 if self.shutdown.is_cancelled() {
                     Reply::SHUTTING_DOWN.write_to(&mut out);
@@ -297,6 +325,10 @@ impl Ctx<'_> {
             }
             if session.is_idle() && buf.capacity() > 2 * COMMAND_CHUNK {
                 buf.shrink_to(COMMAND_CHUNK);
+            }
+            if pipelined {
+                // Read while a message was relayed: feed it before waiting for more.
+                continue;
             }
             buf.reserve(if session.in_data() {
                 DATA_CHUNK

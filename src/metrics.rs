@@ -119,3 +119,24 @@ pub fn oauth_token(ok: bool) {
     counter!("relay_oauth_token_requests_total", "result" => if ok { "ok" } else { "error" })
         .increment(1);
 }
+
+/// A message held back by a sender's limit (`rate` or `connections`): `delayed`, or
+/// `refused` once it waited `limit_wait_secs`.
+pub fn limit(sender: &str, limit: &'static str, what: &'static str) {
+    counter!("relay_limit_total", "sender" => sender.to_owned(), "limit" => limit, "result" => what)
+        .increment(1);
+}
+
+/// A message the fallback relay took (or tried) because the primary did not.
+pub fn failover(sender: &str) {
+    counter!("relay_failovers_total", "sender" => sender.to_owned()).increment(1);
+}
+
+/// Whether the circuit of a primary relay is open (1) or closed (0).
+pub fn circuit(upstream: &str, open: bool) {
+    gauge!("relay_circuit_open", "upstream" => upstream.to_owned()).set(if open {
+        1.0
+    } else {
+        0.0
+    });
+}

@@ -6,16 +6,16 @@ use crate::address::{self, ApprovedList, Mailbox};
 use std::path::Path;
 
 use crate::config::{Config, Provider, Source};
-use crate::project::{ProjectSecrets, ProjectSmtp, SmtpTarget};
+use crate::project::{ProjectRelay, ProjectSecrets, ProjectSmtp};
 use crate::smtp::Reply;
 
 /// Where a message goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum Transport<'c> {
     /// The project's own relay (`smtpHost`).
     Project {
         name: &'c str,
-        target: &'c SmtpTarget,
+        relay: &'c ProjectRelay,
     },
     /// The server-wide provider.
     Server(&'c Provider),
@@ -261,7 +261,7 @@ fn splice<'c>(
             ProjectSmtp::Active(relay) => (
                 Transport::Project {
                     name: p.name,
-                    target: &relay.target,
+                    relay,
                 },
                 Some(&relay.from),
                 &relay.approved,

@@ -44,6 +44,54 @@ pub struct ProjectRelay {
     pub target: SmtpTarget,
     pub from: Mailbox,
     pub approved: ApprovedList,
+    /// Takes a message the primary did not take, when nothing of it can have been delivered.
+    pub fallback: Option<SmtpTarget>,
+    pub limits: Limits,
+}
+
+/// What a project (or the server provider) may ask of its upstreams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Limits {
+    pub rate: Option<RateLimit>,
+    /// Connections open at once to the primary relay.
+    pub max_connections: Option<usize>,
+}
+
+/// At most `count` messages in any interval of length `per` (a sliding window, as providers
+/// count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RateLimit {
+    pub count: u32,
+    pub per: std::time::Duration,
+}
+
+impl RateLimit {
+    /// `"N/s"`, `"N/min"` or `"N/h"`, N at least 1.
+    pub fn parse(text: &str) -> Option<RateLimit> {
+        let (n, unit) = text.trim().split_once('/')?;
+        let count: u32 = n.trim().parse().ok().filter(|n| *n >= 1)?;
+        let secs = match unit.trim() {
+            "s" => 1,
+            "min" => 60,
+            "h" => 3600,
+            _ => return None,
+        };
+        Some(RateLimit {
+            count,
+            per: std::time::Duration::from_secs(secs),
+        })
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "min",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -218,6 +266,100 @@ impl ProjectSmtp {
     }
 }
 
+/// The fallback relay's entries: all or none.
+fn fallback<'a>(
+    secret: &impl Fn(&'static str) -> Option<Entry<'a>>,
+    bad: &mut Vec<(&'static str, String)>,
+) -> Option<SmtpTarget> {
+    const NAMES: [&str; 5] = [
+        "smtpFallbackHost",
+        "smtpFallbackPort",
+        "smtpFallbackUsername",
+        "smtpFallbackPassword",
+        "smtpFallbackSecure",
+    ];
+    if NAMES.iter().all(|n| secret(n).is_none()) {
+        return None;
+    }
+    let mut text = |name: &'static str, trim: bool| match secret(name) {
+        Some(Entry::Text(s)) if !s.trim().is_empty() => {
+            Some(if trim { s.trim() } else { s }.to_owned())
+        }
+        Some(Entry::Text(_)) => {
+            bad.push((name, "empty".into()));
+            None
+        }
+        Some(_) => {
+            bad.push((name, "must be a string".into()));
+            None
+        }
+        None => {
+            bad.push((name, "missing".into()));
+            None
+        }
+    };
+    let host = text("smtpFallbackHost", true);
+    let user = text("smtpFallbackUsername", true);
+    let password = text("smtpFallbackPassword", false);
+    let port = match secret("smtpFallbackPort") {
+        Some(Entry::Integer(n)) if (1..=65535).contains(&n) => Some(n as u16),
+        Some(_) => {
+            bad.push(("smtpFallbackPort", "must be an integer in 1..65535".into()));
+            None
+        }
+        None => {
+            bad.push(("smtpFallbackPort", "missing".into()));
+            None
+        }
+    };
+    let secure = match secret("smtpFallbackSecure") {
+        None => Some(None),
+        Some(Entry::Boolean(b)) => Some(Some(b)),
+        Some(_) => {
+            bad.push(("smtpFallbackSecure", "must be true or false".into()));
+            None
+        }
+    };
+    Some(SmtpTarget {
+        host: host?,
+        port: port?,
+        tls: TlsMode::infer(secure?, port?),
+        credentials: Some(Credentials::password(user?, password?)),
+    })
+}
+
+fn limits<'a>(
+    secret: &impl Fn(&'static str) -> Option<Entry<'a>>,
+    bad: &mut Vec<(&'static str, String)>,
+) -> Limits {
+    let rate = match secret("smtpRateLimit") {
+        None => None,
+        Some(Entry::Text(t)) if RateLimit::parse(t).is_some() => RateLimit::parse(t),
+        Some(_) => {
+            bad.push((
+                "smtpRateLimit",
+                "must be \"N/s\", \"N/min\" or \"N/h\"".into(),
+            ));
+            None
+        }
+    };
+    let max_connections = match secret("smtpMaxConnections") {
+        None => None,
+        Some(Entry::Integer(n)) if (1..=10_000).contains(&n) => Some(n as usize),
+        Some(_) => {
+            bad.push((
+                "smtpMaxConnections",
+                "must be an integer in 1..10000".into(),
+            ));
+            None
+        }
+    };
+    Limits {
+        rate,
+        max_connections,
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Method {
     Plain,
@@ -386,6 +528,9 @@ pub fn build<'a>(secret: impl Fn(&'static str) -> Option<Entry<'a>>) -> ProjectS
         }
     };
 
+    let fallback = fallback(&secret, &mut bad);
+    let limits = limits(&secret, &mut bad);
+
     let auth = match (method.flatten(), password, oauth_client) {
         (Some(Method::XOAuth2), _, Some(client)) => Some(Auth::XOAuth2(client)),
         (Some(Method::Plain), Some(p), _) => Some(Auth::Password {
@@ -415,6 +560,8 @@ pub fn build<'a>(secret: impl Fn(&'static str) -> Option<Entry<'a>>) -> ProjectS
                 },
                 from,
                 approved,
+                fallback,
+                limits,
             }))
         }
         _ => ProjectSmtp::Misconfigured(bad),

@@ -71,10 +71,23 @@ impl Relay {
     /// Relays one finished transaction and returns the client's reply: 250 only once the
     /// upstream (or the capture folder) has the message.
     pub async fn relay(&self, tx: Transaction) -> Reply {
-        self.relay_with_outcome(tx).await.reply
+        let committed = std::sync::atomic::AtomicBool::new(false);
+        self.relay_committed(tx, &committed).await.reply
     }
 
-    pub async fn relay_with_outcome(&self, mut tx: Transaction) -> Outcome {
+    pub async fn relay_with_outcome(&self, tx: Transaction) -> Outcome {
+        let committed = std::sync::atomic::AtomicBool::new(false);
+        self.relay_committed(tx, &committed).await
+    }
+
+    /// As `relay_with_outcome`; `committed` is set once the message passed its sender's
+    /// limits and is on its way: until then, dropping this future abandons it with nothing
+    /// sent (a client that left while it waited loses its place).
+    pub async fn relay_committed(
+        &self,
+        mut tx: Transaction,
+        committed: &std::sync::atomic::AtomicBool,
+    ) -> Outcome {
         let started = Instant::now();
         let size = tx.data.len();
         let identified = policy::identify(&self.config, &tx.data, tx.auth_project.as_deref());
@@ -134,9 +147,26 @@ impl Relay {
             }
         };
         let project = decision.project.unwrap_or("-");
-        let (transport, upstream) = match decision.transport {
-            Transport::Project { target, .. } => (describe(target, "project"), Some(target)),
-            Transport::Server(Provider::Smtp(target)) => (describe(target, "server"), Some(target)),
+        let server = &self.config.server;
+        let (transport, route) = match decision.transport {
+            Transport::Project { relay, name } => (
+                describe(&relay.target, "project"),
+                Some(upstream::Route {
+                    sender: name,
+                    primary: &relay.target,
+                    fallback: relay.fallback.as_ref(),
+                    limits: relay.limits,
+                }),
+            ),
+            Transport::Server(Provider::Smtp(target)) => (
+                describe(target, "server"),
+                Some(upstream::Route {
+                    sender: "server",
+                    primary: target,
+                    fallback: server.fallback.as_ref(),
+                    limits: server.limits,
+                }),
+            ),
             Transport::Server(Provider::Capture(_)) => ("capture".to_owned(), None),
         };
         let capture_root = match (decision.capture, decision.transport) {
@@ -144,7 +174,8 @@ impl Relay {
             (None, Transport::Server(Provider::Capture(root))) => Some(root.as_path()),
             _ => None,
         };
-        let (reply, upstream_host) = match (capture_root, upstream) {
+        let mut transport = transport;
+        let (reply, upstream_host) = match (capture_root, route) {
             (Some(root), _) => {
                 let dir = capture::project_dir(root, decision.project);
                 let envelope = capture::Envelope {
@@ -165,23 +196,27 @@ impl Relay {
                     None,
                 )
             }
-            (None, Some(target)) => {
+            (None, Some(route)) => {
                 let sent = Instant::now();
-                let result = self
+                let delivery = self
                     .upstreams
-                    .send(
-                        target,
+                    .deliver(
+                        &route,
                         &decision.envelope_from,
                         &tx.recipients,
                         &decision.parts(&tx.data),
+                        committed,
                     )
                     .await;
-                metrics::upstream_latency(&target.host, sent.elapsed());
-                let reply = result.map_or_else(
-                    |e| e.into_reply(target),
-                    |accepted| Reply::delivered(&accepted.text),
-                );
-                (reply, Some(target.host.as_str()))
+                metrics::upstream_latency(&delivery.via.host, sent.elapsed());
+                let reply = match &delivery.result {
+                    Ok(accepted) => Reply::delivered(&accepted.text),
+                    Err(e) => e.into_reply(delivery.via),
+                };
+                if delivery.fallback {
+                    transport = describe(delivery.via, "fallback");
+                }
+                (reply, Some(delivery.via.host.as_str()))
             }
             (None, None) => unreachable!("a capture transport always has a folder"),
         };
@@ -266,6 +301,8 @@ pub fn upstream_settings(config: &Config) -> Result<upstream::Settings, TlsError
         max_connections: u.max_connections_per_upstream,
         limit_wait: u.limit_wait,
         max_messages: u.max_messages_per_connection,
+        circuit_failures: u.circuit_failures,
+        circuit_open: u.circuit_open,
     })
 }
 

@@ -359,6 +359,16 @@ impl Reply {
         )
     }
 
+    /// A sender's own limit (`smtpRateLimit`, `smtpMaxConnections`) held the message back
+    /// for the whole wait; nothing was sent.
+    pub fn limit_reached(detail: &str) -> Reply {
+        Reply::new(
+            451,
+            "4.4.5",
+            &format!("Sending limit reached: {detail}; try again later"),
+        )
+    }
+
     /// Larger than the upstream's advertised SIZE (RFC 1870): refused before any of it is sent.
     pub fn upstream_too_large(host: &str, size: u64, limit: u64) -> Reply {
         Reply::new(

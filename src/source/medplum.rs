@@ -520,8 +520,8 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
 }
 
 /// A Project resource's secrets, read as Medplum reads them: the first entry of a name wins,
-/// `smtpPort` only from `valueInteger`, `smtpSecure` only from `valueBoolean`, the others
-/// only from `valueString`; `appName` from `Project.setting`.
+/// the ports and `smtpMaxConnections` only from `valueInteger`, `smtpSecure` and
+/// `smtpFallbackSecure` only from `valueBoolean`, the others only from `valueString`; `appName` from `Project.setting`.
 fn parse_project(body: &[u8], id: &str) -> Result<Read, Failure> {
     let v: Value =
         serde_json::from_slice(body).map_err(|_| unavailable("the Medplum Project is not JSON"))?;
@@ -545,8 +545,10 @@ fn parse_project(body: &[u8], id: &str) -> Result<Read, Failure> {
     let secrets = project::build(|name| {
         let (entry, field) = match name {
             "appName" => (first(settings, name)?, "valueString"),
-            "smtpPort" => (first(secrets, name)?, "valueInteger"),
-            "smtpSecure" => (first(secrets, name)?, "valueBoolean"),
+            "smtpPort" | "smtpFallbackPort" | "smtpMaxConnections" => {
+                (first(secrets, name)?, "valueInteger")
+            }
+            "smtpSecure" | "smtpFallbackSecure" => (first(secrets, name)?, "valueBoolean"),
             _ => (first(secrets, name)?, "valueString"),
         };
         Some(match entry.get(field) {

@@ -7,6 +7,7 @@
 //! without a dot-stuffed copy of it.
 
 mod client;
+mod limits;
 mod oauth;
 
 use std::collections::{HashMap, HashSet};
@@ -114,6 +115,11 @@ pub enum UpstreamError {
     },
     /// No OAuth2 token for XOAUTH2: the endpoint's host and the OAuth2 error code.
     OAuth(String),
+    /// The sender's own limit held the message back for the whole wait; nothing was sent.
+    Limited {
+        sender: String,
+        held: limits::Held,
+    },
     /// Every allowed connection to the upstream stayed busy for the whole wait.
     Busy {
         limit: usize,
@@ -130,6 +136,25 @@ impl UpstreamError {
             UpstreamError::Lost { stage, .. } => *stage == Stage::Mail,
             UpstreamError::Refused { stage, code, .. } => {
                 *stage == Stage::Mail && (400..500).contains(code)
+            }
+            _ => false,
+        }
+    }
+
+    /// Nothing of the message can have been delivered, and the failure is the relay's (not a
+    /// verdict on the message): a fallback relay may take it. Never a 5xx other than to
+    /// AUTH, never after the final dot was sent without an answer.
+    pub fn may_fail_over(&self) -> bool {
+        match self {
+            UpstreamError::Unreachable(_)
+            | UpstreamError::Tls(_)
+            | UpstreamError::Auth(_)
+            | UpstreamError::OAuth(_)
+            | UpstreamError::Busy { .. } => true,
+            UpstreamError::Timeout { after_data, .. } => !after_data,
+            UpstreamError::Lost { stage, .. } => *stage < Stage::EndOfData,
+            UpstreamError::Refused { stage, code, .. } => {
+                *stage == Stage::Auth || (400..500).contains(code)
             }
             _ => false,
         }
@@ -177,12 +202,36 @@ impl UpstreamError {
             }
             UpstreamError::Protocol(why) => Reply::upstream_protocol(&format!("{host}: {why}")),
             UpstreamError::BadAddress { address, why } => Reply::bad_upstream_address(address, why),
+            UpstreamError::Limited { sender, held } => Reply::limit_reached(&match held {
+                limits::Held::Rate(rate) => format!("{sender} may send {rate}"),
+                limits::Held::Connections(n) => {
+                    format!("{sender} may keep {n} connections to {host}, all busy")
+                }
+            }),
             UpstreamError::Busy { limit, waited } => Reply::upstream_busy(&format!(
                 "all {limit} connections to {host} stayed busy for {}s",
                 waited.as_secs()
             )),
         }
     }
+}
+
+/// Where one message may go: its sender's primary relay, a fallback, and the sender's limits
+/// (counted under `sender`: a project's name, or the server provider).
+#[derive(Debug, Clone, Copy)]
+pub struct Route<'a> {
+    pub sender: &'a str,
+    pub primary: &'a SmtpTarget,
+    pub fallback: Option<&'a SmtpTarget>,
+    pub limits: crate::project::Limits,
+}
+
+/// How a message left: the outcome, and the relay that gave it.
+#[derive(Debug)]
+pub struct Delivery<'a> {
+    pub result: Result<Accepted, UpstreamError>,
+    pub via: &'a SmtpTarget,
+    pub fallback: bool,
 }
 
 /// What the upstream said when it accepted a message (its text; the code was 250).
@@ -208,6 +257,10 @@ pub struct Settings {
     pub limit_wait: Duration,
     /// Messages one connection carries before it is replaced (0: no limit).
     pub max_messages: u32,
+    /// Failures in a row that open a primary's circuit (when it has a fallback), and for how
+    /// long.
+    pub circuit_failures: u32,
+    pub circuit_open: Duration,
 }
 
 impl Settings {
@@ -234,6 +287,8 @@ impl fmt::Debug for Settings {
 /// the warm connections its new config can still use.
 pub struct Upstreams {
     settings: RwLock<Arc<Settings>>,
+    /// Per-sender limits and per-primary circuits.
+    limits: limits::Table,
     /// XOAUTH2 tokens, by OAuth2 client; never part of a pool key.
     oauth: Arc<oauth::Tokens>,
     pools: Mutex<HashMap<SmtpTarget, Arc<Pool>>>,
@@ -311,6 +366,7 @@ impl Conn {
 impl Upstreams {
     pub fn new(settings: Settings) -> Upstreams {
         Upstreams {
+            limits: limits::Table::default(),
             oauth: Arc::new(oauth::Tokens::new(&settings.tls, settings.timeout)),
             settings: RwLock::new(Arc::new(settings)),
             pools: Mutex::new(HashMap::new()),
@@ -421,6 +477,91 @@ impl Upstreams {
         self.closing.close();
         let _ = tokio::time::timeout(QUIT_TIMEOUT * 2, self.closing.wait()).await;
         self.closing.reopen();
+    }
+
+    /// Sends one message along `route`: within the sender's limits (waiting up to
+    /// `limit_wait`), to the primary unless its circuit is open, and to the fallback when the
+    /// primary did not take it and nothing of it can have been delivered. `committed` is set
+    /// once the limits let it through: from then on the message must not be abandoned.
+    pub async fn deliver<'a>(
+        &self,
+        route: &Route<'a>,
+        from: &str,
+        recipients: &[String],
+        message: &[&[u8]],
+        committed: &std::sync::atomic::AtomicBool,
+    ) -> Delivery<'a> {
+        let settings = self.settings();
+        let give_up = Instant::now() + settings.limit_wait;
+        let held = |held| Delivery {
+            result: Err(UpstreamError::Limited {
+                sender: route.sender.to_owned(),
+                held,
+            }),
+            via: route.primary,
+            fallback: false,
+        };
+        if let Err(h) = self.limits.admit(route.sender, route.limits, give_up).await {
+            return held(h);
+        }
+        let fallback = match route.fallback {
+            Some(fb) if !self.limits.primary_allowed(route.primary) => {
+                committed.store(true, std::sync::atomic::Ordering::Release);
+                return Delivery {
+                    result: self.send(fb, from, recipients, message).await,
+                    via: fb,
+                    fallback: true,
+                };
+            }
+            other => other,
+        };
+        let permit = match self
+            .limits
+            .connection(route.sender, route.limits, give_up)
+            .await
+        {
+            Ok(p) => p,
+            Err(h) => return held(h),
+        };
+        committed.store(true, std::sync::atomic::Ordering::Release);
+        let result = self.send(route.primary, from, recipients, message).await;
+        drop(permit);
+        let Some(fb) = fallback else {
+            return Delivery {
+                result,
+                via: route.primary,
+                fallback: false,
+            };
+        };
+        let failed_over = result.as_ref().err().filter(|e| e.may_fail_over());
+        self.limits.record(
+            route.primary,
+            failed_over.is_none(),
+            settings.circuit_failures,
+            settings.circuit_open,
+        );
+        match failed_over {
+            Some(e) => {
+                tracing::info!(
+                    sender = route.sender,
+                    upstream = %route.primary.host,
+                    fallback = %fb.host,
+                    "primary relay did not take the message ({}); trying the fallback",
+                    e.into_reply(route.primary).text
+                );
+                crate::metrics::failover(route.sender);
+                Delivery {
+                    result: self.send(fb, from, recipients, message).await,
+                    via: fb,
+                    fallback: true,
+                }
+            }
+            None => Delivery {
+                result,
+                via: route.primary,
+                fallback: false,
+            },
+        }
     }
 
     /// Sends one message, given as pieces that together are the unstuffed message with every
