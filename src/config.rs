@@ -1556,6 +1556,53 @@ appName = "Acme Health"
     }
 
     #[test]
+    fn server_oauth_fallback_and_limits() {
+        let c = parse(
+            "[server.smtp]\nhost = \"smtp.office365.com\"\nport = 587\nusername = \"relay@contoso.example\"\nauth_method = \"xoauth2\"\noauth_token_url = \"https://login.microsoftonline.com/t/oauth2/v2.0/token\"\noauth_client_id = \"app\"\noauth_client_secret = \"s3cret-x\"\nrate_limit = \"30/min\"\nmax_connections = 3\n[server.smtp_fallback]\nhost = \"smtp.backup.example\"\nport = 465\nusername = \"b\"\npassword = \"bp\"\n",
+        )
+        .unwrap();
+        let Some(Provider::Smtp(t)) = &c.server.provider else {
+            panic!("no provider")
+        };
+        assert!(matches!(
+            &t.credentials,
+            Some(Credentials {
+                auth: Auth::XOAuth2(_),
+                ..
+            })
+        ));
+        assert_eq!(c.server.limits.rate.unwrap().to_string(), "30/min");
+        assert_eq!(c.server.limits.max_connections, Some(3));
+        assert_eq!(c.server.fallback.as_ref().unwrap().tls, TlsMode::Implicit);
+        assert!(!format!("{c:?}").contains("s3cret-x"));
+        for (text, expect) in [
+            (
+                "[server.smtp]\nhost = \"h\"\nport = 587\nauth_method = \"xoauth2\"\n",
+                "server.smtp.username: required with auth_method = \"xoauth2\"",
+            ),
+            (
+                "[server.smtp]\nhost = \"h\"\nport = 587\nusername = \"u\"\nauth_method = \"xoauth2\"\noauth_token_url = \"http://idp.example/token\"\noauth_client_id = \"a\"\noauth_client_secret = \"s\"\n",
+                "server.smtp.oauth_token_url: must be https://",
+            ),
+            (
+                "[server.smtp]\nhost = \"h\"\nport = 587\nauth_method = \"ntlm\"\n",
+                "server.smtp.auth_method: must be",
+            ),
+            (
+                "[server.smtp]\nhost = \"h\"\nport = 587\nrate_limit = \"lots\"\n",
+                "server.smtp.rate_limit: must be",
+            ),
+            (
+                "[server.smtp_fallback]\nhost = \"h\"\nport = 587\n",
+                "server.smtp_fallback: needs [server.smtp]",
+            ),
+        ] {
+            let msg = problems(text);
+            assert!(msg.contains(expect), "{text}: {msg}");
+        }
+    }
+
+    #[test]
     fn debug_output_hides_passwords() {
         let c = parse(FULL).unwrap();
         let dump = format!("{c:?}");

@@ -682,4 +682,71 @@ mod tests {
             ["smtpAuthMethod", "smtpPassword"]
         );
     }
+
+    #[test]
+    fn fallback_is_all_or_none_and_limits_are_checked() {
+        let base = [
+            ("smtpHost", Entry::Text("smtp.acme.example")),
+            ("smtpPort", Entry::Integer(587)),
+            ("smtpUsername", Entry::Text("u")),
+            ("smtpPassword", Entry::Text("p")),
+            ("smtpFromAddress", Entry::Text("noreply@acme.example")),
+        ];
+        let with = |extra: &[(&'static str, Entry<'static>)]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            build_from(&all)
+        };
+        let ProjectSmtp::Active(r) = with(&[
+            ("smtpFallbackHost", Entry::Text("smtp.backup.example")),
+            ("smtpFallbackPort", Entry::Integer(465)),
+            ("smtpFallbackUsername", Entry::Text("b")),
+            ("smtpFallbackPassword", Entry::Text("bp")),
+            ("smtpRateLimit", Entry::Text("30/min")),
+            ("smtpMaxConnections", Entry::Integer(3)),
+        ])
+        .smtp
+        else {
+            panic!("not active")
+        };
+        assert_eq!(r.fallback.as_ref().unwrap().tls, TlsMode::Implicit);
+        assert_eq!(r.limits.rate.unwrap().to_string(), "30/min");
+        assert_eq!(r.limits.max_connections, Some(3));
+        assert_eq!(
+            with(&[("smtpFallbackHost", Entry::Text("smtp.backup.example"))])
+                .smtp
+                .bad_entries(),
+            [
+                "smtpFallbackUsername",
+                "smtpFallbackPassword",
+                "smtpFallbackPort"
+            ]
+        );
+        assert_eq!(
+            with(&[("smtpFallbackPort", Entry::Text("465"))])
+                .smtp
+                .bad_entries(),
+            [
+                "smtpFallbackHost",
+                "smtpFallbackUsername",
+                "smtpFallbackPassword",
+                "smtpFallbackPort"
+            ]
+        );
+        for bad in ["6", "0/s", "6/day", "x/s", "-1/min"] {
+            assert_eq!(
+                with(&[("smtpRateLimit", Entry::Text(bad))])
+                    .smtp
+                    .bad_entries(),
+                ["smtpRateLimit"],
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            with(&[("smtpMaxConnections", Entry::Text("2"))])
+                .smtp
+                .bad_entries(),
+            ["smtpMaxConnections"]
+        );
+    }
 }

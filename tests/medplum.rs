@@ -634,3 +634,34 @@ async fn medplum_reads_tokens_and_stale_mail_are_counted() {
         assert!(text.contains(&line), "{line} not in\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_fallback_and_limits_written_in_medplum_hold_as_in_relay_toml() {
+    let w = world().await;
+    let fallback = Upstream::start(upstream_script()).await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut secrets = smtp_secrets(closed_port, "pw-one", "");
+    secrets.extend([
+        json!({"name": "smtpFallbackHost", "valueString": "127.0.0.1"}),
+        json!({"name": "smtpFallbackPort", "valueInteger": fallback.port()}),
+        json!({"name": "smtpFallbackSecure", "valueBoolean": false}),
+        json!({"name": "smtpFallbackUsername", "valueString": "u"}),
+        json!({"name": "smtpFallbackPassword", "valueString": "pw-two"}),
+        json!({"name": "smtpRateLimit", "valueString": "1/min"}),
+        json!({"name": "smtpMaxConnections", "valueInteger": 1}),
+    ]);
+    w.medplum.set_secrets(PID, secrets);
+    let relay = Relay::start(&format!(
+        "[upstream]\nlimit_wait_secs = 1\n{}",
+        toml(&w.medplum, &w.server, "", &acme_table())
+    ))
+    .await;
+    let reply = send(&relay, MSG).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(fallback.received().len(), 1, "the fallback took it");
+    let reply = send(&relay, MSG).await;
+    assert!(reply.starts_with("451 4.4.5"), "{reply}");
+    assert_eq!(fallback.received().len(), 1);
+}

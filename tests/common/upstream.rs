@@ -42,6 +42,8 @@ pub struct Script {
     /// Offer only AUTH XOAUTH2, and accept the bearer tokens this test token endpoint issued
     /// and has not expired or revoked.
     pub xoauth2: Option<XOAuth2>,
+    /// Greet with this instead of 220 (e.g. "421 4.3.2 busy"), then close.
+    pub greeting: Option<String>,
     /// Percent of messages that meet a random fault: a 451, a dropped connection (before or
     /// after the data), or a stall.
     pub chaos_percent: u32,
@@ -68,6 +70,8 @@ pub struct Received {
     pub auth_user: Option<String>,
     pub tls: bool,
     pub connection: usize,
+    /// When the end of data was answered.
+    pub at: std::time::Instant,
 }
 
 struct State {
@@ -263,6 +267,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         }};
     }
     if greet {
+        let refusal = state.script.lock().unwrap().greeting.clone();
+        if let Some(refusal) = refusal {
+            say!("{refusal}");
+            return None;
+        }
         say!("220 upstream.test ESMTP test server");
     }
     let mut authed: Option<String> = None;
@@ -496,6 +505,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     auth_user: authed.clone(),
                     tls,
                     connection: id,
+                    at: std::time::Instant::now(),
                 });
             }
             mail = None;
