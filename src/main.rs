@@ -224,14 +224,24 @@ fn check(path: &Path, connect: bool) -> ExitCode {
         },
         _ => Ok(String::new()),
     };
+    // One line per relay: the primary, then its fallback when it has one.
+    let relay_line = |who: &str, t: &project_relay::config::SmtpTarget| match probe(t) {
+        Ok(what) => {
+            println!("{who}: smtp via {}:{} ({}){what}", t.host, t.port, t.tls);
+            true
+        }
+        Err(why) => {
+            println!("{who}: smtp via {}:{} ({}){why}", t.host, t.port, t.tls);
+            false
+        }
+    };
     match &config.server.provider {
-        Some(Provider::Smtp(t)) => match probe(t) {
-            Ok(what) => println!("server: smtp via {}:{} ({}){what}", t.host, t.port, t.tls),
-            Err(why) => {
-                println!("server: smtp via {}:{} ({}){why}", t.host, t.port, t.tls);
-                ok = false;
+        Some(Provider::Smtp(t)) => {
+            ok &= relay_line("server", t);
+            if let Some(fb) = &config.server.fallback {
+                ok &= relay_line("server fallback", fb);
             }
-        },
+        }
         Some(Provider::Capture(dir)) => println!("server: capture to {}", dir.display()),
         None => println!("server: no provider; server mail is refused with 451 4.3.5"),
     }
@@ -286,6 +296,13 @@ fn check(path: &Path, connect: bool) -> ExitCode {
                 println!("{name}: {text}{from}{capture}");
                 ok = false;
             }
+        }
+        if let Ok(Some(s)) = &secrets
+            && let ProjectSmtp::Active(r) = &s.smtp
+            && let Some(fb) = &r.fallback
+            && config.server.allow_project_smtp
+        {
+            ok &= relay_line(&format!("{name} fallback"), fb);
         }
     }
     if misconfigured > 0 && config.server.allow_project_smtp {

@@ -528,30 +528,11 @@ async fn a_trace_log_holds_no_secret_and_says_once_when_reads_fail_and_recover()
     assert_eq!(w.project.received().len(), 5);
 }
 
-/// Runs the binary once with `args` on `toml`; returns its exit success and stdout.
-async fn run_once(toml: String, args: &'static [&'static str]) -> (bool, String) {
-    tokio::task::spawn_blocking(move || {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("relay.toml");
-        std::fs::write(&path, toml).unwrap();
-        let out = common::process::command()
-            .args(args)
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        (out.status.success(), stdout)
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn check_and_send_test_read_medplum_projects_as_the_relay_does() {
     let w = world().await;
     let config = toml(&w.medplum, &w.server, "", &acme_table());
-    let (ok, out) = run_once(config.clone(), &["check", "--connect"]).await;
+    let (ok, out) = common::process::run_once(config.clone(), &["check", "--connect"]).await;
     assert!(ok, "{out}");
     let line = out
         .lines()
@@ -569,7 +550,7 @@ async fn check_and_send_test_read_medplum_projects_as_the_relay_does() {
         "{out}"
     );
 
-    let (ok, out) = run_once(
+    let (ok, out) = common::process::run_once(
         config,
         &["send-test", "--project", PID, "--to", "x@dest.example"],
     )
@@ -582,7 +563,8 @@ async fn check_and_send_test_read_medplum_projects_as_the_relay_does() {
     let table = format!(
         "[projects.{PID}]\nmedplumClientId = \"{CLIENT}\"\nmedplumClientSecret = \"wrong\"\n"
     );
-    let (ok, out) = run_once(toml(&w.medplum, &w.server, "", &table), &["check"]).await;
+    let (ok, out) =
+        common::process::run_once(toml(&w.medplum, &w.server, "", &table), &["check"]).await;
     assert!(!ok, "{out}");
     assert!(
         out.contains(&format!(

@@ -193,3 +193,41 @@ async fn the_token_endpoint_down_or_refusing_is_451_4_7_0_naming_it_and_no_secre
     );
     assert!(up.received().is_empty());
 }
+
+#[tokio::test]
+async fn check_connect_authenticates_with_xoauth2_and_probes_the_fallback() {
+    let endpoint = TokenEndpoint::start("app-id", CLIENT_SECRET).await;
+    let up = upstream(&endpoint, false).await;
+    let fb = Upstream::start(Script {
+        auth: vec![("b".into(), "bp".into())],
+        ..Script::default()
+    })
+    .await;
+    let extra = format!(
+        "smtpFallbackHost = \"127.0.0.1\"\nsmtpFallbackPort = {}\nsmtpFallbackSecure = false\nsmtpFallbackUsername = \"b\"\nsmtpFallbackPassword = \"bp\"\n",
+        fb.port()
+    );
+    let toml =
+        config(&endpoint, &up, &extra, "").replace("{dir}", std::env::temp_dir().to_str().unwrap());
+    let (ok, out) = common::process::run_once(toml, &["check", "--connect"]).await;
+    assert!(ok, "{out}");
+    let line = |prefix: &str| {
+        out.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} line in {out}"))
+            .to_owned()
+    };
+    assert!(
+        line("m365: ok: smtp via").contains("authenticated"),
+        "{out}"
+    );
+    assert!(
+        line("m365 fallback: smtp via").contains("authenticated"),
+        "{out}"
+    );
+    assert_eq!(endpoint.requests(), 1);
+    assert!(
+        !out.contains(CLIENT_SECRET) && !out.contains("access-"),
+        "{out}"
+    );
+}

@@ -94,3 +94,23 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// Runs the binary once with `args` on the config `toml` (written to a temporary file), off
+/// the async runtime; returns whether it succeeded, and its stdout.
+pub async fn run_once(toml: String, args: &'static [&'static str]) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, toml).unwrap();
+        let out = command()
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success(), stdout)
+    })
+    .await
+    .unwrap()
+}
