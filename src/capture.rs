@@ -27,6 +27,12 @@ pub struct Envelope {
     pub original_from: Option<String>,
     pub resolved_from: String,
     pub from_rewritten: bool,
+    /// What happened to the caller's From, in words.
+    pub from_decision: Option<String>,
+    /// The project header field the relay removed, as it was.
+    pub project_header: Option<String>,
+    /// RFC 2047 decoded, for the inbox list (which reads no message bodies).
+    pub subject: Option<String>,
     pub size: usize,
 }
 
@@ -83,6 +89,31 @@ fn timestamp(now: SystemTime) -> String {
         rem % 60,
         d.subsec_micros()
     )
+}
+
+/// Now in UTC as RFC 3339 with milliseconds: `2026-11-24T23:14:34.123Z`.
+pub fn utc_now() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let (year, month, day) = civil(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// The decoded Subject of a header section (the rewritten fields the relay sends).
+pub fn subject(head: &[u8]) -> Option<String> {
+    let mut with_end = head.to_vec();
+    with_end.extend_from_slice(b"\r\n");
+    let message = mail_parser::MessageParser::default().parse_headers(&with_end)?;
+    message.subject().map(str::to_owned)
 }
 
 /// An RFC 5322 `Date:` value in UTC, e.g. `Tue, 24 Nov 2026 23:14:34 +0000`.
@@ -194,6 +225,78 @@ pub fn find(roots: &[PathBuf], id: &str) -> Option<(PathBuf, PathBuf)> {
         }
     }
     None
+}
+
+/// Deletes one captured message; false if there is no such message.
+pub fn delete(roots: &[PathBuf], id: &str) -> bool {
+    match find(roots, id) {
+        // The `.eml` first: without it the message is gone from every listing.
+        Some((eml, json)) => {
+            std::fs::remove_file(eml).is_ok() && std::fs::remove_file(json).is_ok()
+        }
+        None => false,
+    }
+}
+
+/// What the inbox shows of a message: its decoded Subject, text body, HTML body (only if it
+/// has one: none is made up from the text) and attachments.
+pub fn content(message: &[u8]) -> serde_json::Value {
+    use mail_parser::MimeHeaders;
+    let Some(m) = mail_parser::MessageParser::default().parse(message) else {
+        return serde_json::json!({ "subject": null, "text": null, "html": null, "attachments": [] });
+    };
+    let html = m
+        .html_bodies()
+        .find(|p| p.is_text_html())
+        .and_then(|p| p.text_contents())
+        .map(str::to_owned);
+    let text = m
+        .text_bodies()
+        .find(|p| p.is_text() && !p.is_text_html())
+        .and_then(|p| p.text_contents())
+        .map(str::to_owned);
+    let attachments: Vec<serde_json::Value> = m
+        .attachments()
+        .enumerate()
+        .map(|(index, a)| {
+            serde_json::json!({
+                "index": index,
+                "name": a.attachment_name().unwrap_or("attachment"),
+                "type": mime_type(a),
+                "size": a.len(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "subject": m.subject(),
+        "text": text,
+        "html": html,
+        "attachments": attachments,
+    })
+}
+
+fn mime_type(part: &mail_parser::MessagePart<'_>) -> String {
+    use mail_parser::MimeHeaders;
+    match part.content_type() {
+        Some(ct) => match ct.subtype() {
+            Some(sub) => format!("{}/{sub}", ct.ctype()),
+            None => ct.ctype().to_owned(),
+        },
+        None => "application/octet-stream".to_owned(),
+    }
+    .to_ascii_lowercase()
+}
+
+/// Attachment `n` of a message: its name, MIME type and decoded bytes.
+pub fn attachment(message: &[u8], n: usize) -> Option<(String, String, Vec<u8>)> {
+    use mail_parser::MimeHeaders;
+    let m = mail_parser::MessageParser::default().parse(message)?;
+    let a = m.attachments().nth(n)?;
+    Some((
+        a.attachment_name().unwrap_or("attachment").to_owned(),
+        mime_type(a),
+        a.contents().to_vec(),
+    ))
 }
 
 /// Deletes every captured message under `roots`; returns how many.

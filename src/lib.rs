@@ -10,6 +10,7 @@
 //! `server` touch client sockets; only `upstream` speaks SMTP to upstreams; only `tls` builds rustls
 //! configs.
 
+pub mod activity;
 pub mod address;
 pub mod admin;
 pub mod capture;

@@ -57,6 +57,8 @@ pub struct Decision<'c> {
     pub resolved_from: String,
     pub from_rewritten: bool,
     pub from_decision: FromDecision,
+    /// The From decision in words: which list was consulted, and what replaced what.
+    pub from_explained: String,
     /// The rewritten header fields. The message that goes upstream is `head` followed by the
     /// received bytes from `body_offset` on (the empty line and the body), which are never
     /// copied: a large message stays in memory once.
@@ -168,6 +170,8 @@ impl From<Reply> for Refusal<'_> {
 pub struct Identified {
     fields: Vec<Field>,
     pub project: Option<String>,
+    /// The project header field as received (name and value, unfolded), if there was one.
+    pub header: Option<String>,
 }
 
 /// The project a message belongs to, as its secrets' source described it.
@@ -226,12 +230,17 @@ pub fn identify(
             Some(unfold(raw)).filter(|v| !v.is_empty())
         }
     };
+    let header_field = project_id.as_ref().map(|id| format!("{header}: {id}"));
     let project = match (auth_project, project_id) {
         (Some(auth), Some(id)) if auth != id => return Err(Reply::wrong_project(auth, header)),
         (Some(auth), _) => Some(auth.to_owned()),
         (None, id) => id,
     };
-    Ok(Identified { fields, project })
+    Ok(Identified {
+        fields,
+        project,
+        header: header_field,
+    })
 }
 
 /// The transport, the From, and the header splices for a message of `project` (`None`: no
@@ -309,6 +318,34 @@ fn splice<'c>(
     };
     let envelope_from = resolved.address.clone();
     let resolved_from = resolved.render();
+    let (list, default) = match transport {
+        Transport::Project { name, .. } => {
+            (format!("{name}'s smtpApprovedSenders"), "smtpFromAddress")
+        }
+        Transport::Server(_) => (
+            "the server's approvedSenderEmails".to_owned(),
+            "supportEmail",
+        ),
+    };
+    let from_explained = match from_decision {
+        FromDecision::Kept => format!("kept: {envelope_from} is in {list}"),
+        FromDecision::KeptNamed => {
+            format!("kept: {envelope_from} is in {list}; appName added as its name")
+        }
+        FromDecision::Added => format!("added: the message had no From, so {default}"),
+        FromDecision::Replaced => match from_fields.as_slice() {
+            [only] => match address::strict_mailbox(only.value(data)) {
+                Some(mb) => format!("{} is not in {list}: replaced by {default}", mb.address),
+                None => format!(
+                    "the From is not one plain mailbox that every mail reader reads alike (RFC 5322): replaced by {default}"
+                ),
+            },
+            several => format!(
+                "the message had {} From fields: replaced by {default}",
+                several.len()
+            ),
+        },
+    };
 
     // Splice: drop the project header, keep or replace the one From, normalise Sender.
     let header_end = fields.last().map_or(0, |f| f.end);
@@ -353,6 +390,7 @@ fn splice<'c>(
         resolved_from,
         from_rewritten: !kept_verbatim,
         from_decision,
+        from_explained,
         head: out,
         body_offset: header_end,
         capture: project.and_then(|p| p.capture),

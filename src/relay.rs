@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::activity::{Activity, Entry};
 use crate::capture;
 use crate::config::{Config, Provider, SmtpTarget};
 use crate::metrics::{self, Outcome as Kind};
@@ -20,6 +21,8 @@ pub struct Relay {
     pub upstreams: Arc<Upstreams>,
     /// Shared likewise: Medplum tokens and secrets outlive a reload.
     pub sources: Arc<Sources>,
+    /// The last outcomes, for the admin page; outlives a reload too.
+    pub activity: Arc<Activity>,
 }
 
 /// What happened to one message: for the client's reply, the log, the metrics, `send-test`.
@@ -52,6 +55,7 @@ impl Relay {
             config,
             upstreams,
             sources,
+            activity: Arc::default(),
         })
     }
 
@@ -60,11 +64,13 @@ impl Relay {
         config: Arc<Config>,
         upstreams: Arc<Upstreams>,
         sources: Arc<Sources>,
+        activity: Arc<Activity>,
     ) -> Relay {
         Relay {
             config,
             upstreams,
             sources,
+            activity,
         }
     }
 
@@ -135,6 +141,20 @@ impl Relay {
                     reply = %reply.text,
                     "message refused"
                 );
+                self.activity.record(Entry {
+                    seq: 0,
+                    time: String::new(),
+                    project: project.map(str::to_owned),
+                    transport: "none".into(),
+                    upstream: None,
+                    mail_from: tx.mail_from.clone(),
+                    recipients: tx.recipients.len(),
+                    size,
+                    outcome: kind.as_str(),
+                    code: reply.code,
+                    reply: reply.to_string(),
+                    ms: started.elapsed().as_millis() as u64,
+                });
                 return Outcome {
                     reply,
                     project: project.map(str::to_owned),
@@ -187,6 +207,9 @@ impl Relay {
                     original_from: decision.original_from.clone(),
                     resolved_from: decision.resolved_from.clone(),
                     from_rewritten: decision.from_rewritten,
+                    from_decision: Some(decision.from_explained.clone()),
+                    project_header: identified.as_ref().ok().and_then(|i| i.header.clone()),
+                    subject: capture::subject(&decision.head),
                     ..capture::Envelope::default()
                 };
                 let head = std::mem::take(&mut decision.head);
@@ -244,6 +267,20 @@ impl Relay {
             ms = took.as_millis() as u64,
             "message"
         );
+        self.activity.record(Entry {
+            seq: 0,
+            time: String::new(),
+            project: decision.project.map(str::to_owned),
+            transport: transport.clone(),
+            upstream: upstream_host.map(str::to_owned),
+            mail_from: decision.envelope_from.clone(),
+            recipients: tx.recipients.len(),
+            size,
+            outcome: kind.as_str(),
+            code: reply.code,
+            reply: reply.to_string(),
+            ms: took.as_millis() as u64,
+        });
         Outcome {
             reply,
             project: decision.project.map(str::to_owned),

@@ -102,6 +102,7 @@ impl Reloader {
             tls,
             self.0.upstreams.clone(),
             self.0.sources.clone(),
+            self.0.activity.clone(),
         )?;
         self.0.upstreams.configure(settings);
         // Pools of upstreams (or credentials) the new config no longer uses are closed.
@@ -127,9 +128,16 @@ impl Server {
         };
         let upstreams = Arc::new(Upstreams::new(crate::relay::upstream_settings(&config)?));
         let sources = Arc::new(Sources::new(&config)?);
-        let state = State::new(config, tls.is_some(), upstreams.clone(), sources.clone())?;
+        let activity = Arc::new(crate::activity::Activity::default());
+        let state = State::new(
+            config,
+            tls.is_some(),
+            upstreams.clone(),
+            sources.clone(),
+            activity.clone(),
+        )?;
         Ok(Server {
-            shared: Arc::new(Shared::new(state, upstreams, sources, tls)),
+            shared: Arc::new(Shared::new(state, upstreams, sources, activity, tls)),
             listeners,
         })
     }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio_rustls::TlsAcceptor;
 
+use crate::activity::Activity;
 use crate::config::Config;
 use crate::relay::Relay;
 use crate::smtp::Settings;
@@ -30,6 +31,7 @@ impl State {
         starttls_available: bool,
         upstreams: Arc<Upstreams>,
         sources: Arc<Sources>,
+        activity: Arc<Activity>,
     ) -> anyhow::Result<State> {
         let l = &config.listener;
         let settings = Settings {
@@ -42,7 +44,7 @@ impl State {
             allow_plaintext_auth: l.allow_plaintext_auth,
         };
         Ok(State {
-            relay: Relay::with_shared(config.clone(), upstreams, sources),
+            relay: Relay::with_shared(config.clone(), upstreams, sources, activity),
             config,
             settings,
         })
@@ -56,6 +58,8 @@ pub struct Shared {
     pub upstreams: Arc<Upstreams>,
     /// Secret sources (the Medplum cache): likewise.
     pub sources: Arc<Sources>,
+    /// The last message outcomes, for the admin page: likewise.
+    pub activity: Arc<Activity>,
     pub tls: Option<TlsAcceptor>,
     /// Failed AUTH attempts per address, with the time of the last one.
     auth_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
@@ -78,12 +82,14 @@ impl Shared {
         state: State,
         upstreams: Arc<Upstreams>,
         sources: Arc<Sources>,
+        activity: Arc<Activity>,
         tls: Option<TlsAcceptor>,
     ) -> Shared {
         Shared {
             current: RwLock::new(Arc::new(state)),
             upstreams,
             sources,
+            activity,
             tls,
             auth_failures: Mutex::default(),
             per_ip: Mutex::default(),

@@ -138,12 +138,26 @@ async fn admin_api_serves_mail_to_the_network_only_with_the_token() {
     let (status, _) =
         tokio::task::block_in_place(|| h.http(port, "DELETE /api/messages HTTP/1.1\r\n"));
     assert_eq!(status, 403, "nor may it delete them");
+    for closed in [
+        "/",
+        "/app.js",
+        "/api/activity",
+        "/api/messages/x/attachments/0",
+    ] {
+        let (status, _) = tokio::task::block_in_place(|| h.http(port, &get(closed, "")));
+        assert_eq!(status, 403, "{closed}");
+    }
 
     // With a token: required from everyone, loopback included.
     let relay = Relay::start(&base_config("token = \"t0ken-for-tests\"")).await;
     let port = relay.admin.unwrap().port();
     let (status, _) = tokio::task::block_in_place(|| h.http(port, &get("/api/messages", "")));
     assert_eq!(status, 401);
+    let (status, _) = tokio::task::block_in_place(|| h.http(port, &get("/api/activity", "")));
+    assert_eq!(status, 401);
+    // The page holds no mail: with a token set it loads anywhere, and asks for the token.
+    let (status, _) = tokio::task::block_in_place(|| h.http(port, &get("/", "")));
+    assert_eq!(status, 200);
     let (status, _) = tokio::task::block_in_place(|| {
         h.http(
             port,

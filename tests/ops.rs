@@ -562,3 +562,138 @@ async fn a_capture_folder_that_does_not_exist_yet_hides_no_message() {
     assert_eq!(status, 200);
     assert!(body.contains("Subject: s"), "{body}");
 }
+
+#[tokio::test]
+async fn inbox_page_api_attachments_delete_one_and_activity() {
+    let (relay, base) = with_admin("[projects.page-a]\nappName = \"A\"\n").await;
+    let mut c = relay.client().await;
+    c.cmd("EHLO me", 250).await;
+    let msg = "X-Project-Id: page-a\r\nFrom: someone@elsewhere.example\r\nSubject: =?UTF-8?Q?Rechnung_M=C3=A4rz?=\r\nMIME-Version: 1.0\r\n\
+        Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nSee attached.\r\n\
+        --b\r\nContent-Type: application/pdf; name=\"invoice.pdf\"\r\nContent-Disposition: attachment; filename=\"invoice.pdf\"\r\n\
+        Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n--b--\r\n";
+    assert!(
+        c.mail("a@app.example", &["bob@dest.example"], msg.as_bytes())
+            .await
+            .starts_with("250")
+    );
+    assert!(
+        c.mail(
+            "a@app.example",
+            &["carol@dest.example"],
+            b"X-Project-Id: page-a\r\nSubject: second\r\n\r\nhi\r\n"
+        )
+        .await
+        .starts_with("250")
+    );
+    let two = "X-Project-Id: page-a\r\nX-Project-Id: page-b\r\n\r\nhi\r\n";
+    assert!(
+        c.mail("a@app.example", &["x@dest.example"], two.as_bytes())
+            .await
+            .starts_with("550")
+    );
+
+    // The page itself: served with a policy that allows nothing from elsewhere.
+    let page = tokio::task::spawn_blocking({
+        let url = format!("{base}/");
+        move || ureq::get(&url).call().unwrap()
+    })
+    .await
+    .unwrap();
+    let csp = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+
+    // Newest first, with a total, searchable by Subject (decoded) and recipient.
+    let (_, body) = http("GET", format!("{base}/api/messages?newest=1")).await;
+    let page1 = json(&body);
+    assert_eq!(page1["total"], 2);
+    assert_eq!(page1["messages"][0]["subject"], "second");
+    let (_, body) = http("GET", format!("{base}/api/messages?newest=10&q=m%C3%A4rz")).await;
+    let found = json(&body)["messages"].as_array().unwrap().clone();
+    assert_eq!(found.len(), 1);
+    let id = found[0]["id"].as_str().unwrap().to_owned();
+    let (_, body) = http("GET", format!("{base}/api/messages?newest=10&q=CAROL")).await;
+    assert_eq!(json(&body)["messages"][0]["subject"], "second");
+
+    let (_, body) = http("GET", format!("{base}/api/messages/{id}")).await;
+    let one = json(&body);
+    assert_eq!(one["subject"], "Rechnung März");
+    assert_eq!(one["text"], "See attached.");
+    assert!(one["html"].is_null(), "no HTML is made up from the text");
+    assert_eq!(one["project_header"], "X-Project-Id: page-a");
+    assert_eq!(
+        one["from_decision"],
+        "someone@elsewhere.example is not in the server's approvedSenderEmails: replaced by supportEmail"
+    );
+    assert_eq!(
+        one["attachments"],
+        serde_json::json!([{"index": 0, "name": "invoice.pdf", "type": "application/pdf", "size": 9}])
+    );
+    let download = tokio::task::spawn_blocking({
+        let url = format!("{base}/api/messages/{id}/attachments/0");
+        move || {
+            let mut r = ureq::get(&url).call().unwrap();
+            let disposition = r.headers()["content-disposition"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            (disposition, r.body_mut().read_to_vec().unwrap())
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(download.0, "attachment; filename=\"invoice.pdf\"");
+    assert_eq!(download.1, b"%PDF-1.4\n");
+    assert_eq!(
+        http("GET", format!("{base}/api/messages/{id}/attachments/1"))
+            .await
+            .0,
+        404
+    );
+
+    assert_eq!(
+        http("DELETE", format!("{base}/api/messages/{id}")).await.0,
+        200
+    );
+    assert_eq!(
+        http("GET", format!("{base}/api/messages/{id}")).await.0,
+        404
+    );
+    assert_eq!(
+        http("DELETE", format!("{base}/api/messages/{id}")).await.0,
+        404
+    );
+    let (_, body) = http("GET", format!("{base}/api/messages?newest=10")).await;
+    assert_eq!(json(&body)["total"], 1);
+
+    // Every outcome, newest first: the refusal too, with its code.
+    // (The refusal came before any project was known: it is the server's.)
+    let (_, body) = http("GET", format!("{base}/api/activity")).await;
+    let entries = json(&body)["entries"].as_array().unwrap().clone();
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    assert_eq!(entries[0]["code"], 550);
+    assert!(
+        entries[0]["reply"]
+            .as_str()
+            .unwrap()
+            .starts_with("550 5.7.1")
+    );
+    assert_eq!(entries[0]["outcome"], "refused");
+    assert_eq!(entries[1]["outcome"], "delivered");
+    let newest = entries[0]["seq"].as_u64().unwrap();
+    let (_, body) = http("GET", format!("{base}/api/activity?after={}", newest - 1)).await;
+    assert_eq!(json(&body)["entries"].as_array().unwrap().len(), 1);
+    let (_, body) = http(
+        "GET",
+        format!("{base}/api/activity?project=page-a&outcome=delivered"),
+    )
+    .await;
+    assert_eq!(json(&body)["entries"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        http("GET", format!("{base}/api/activity?after=x")).await.0,
+        400
+    );
+}

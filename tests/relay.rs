@@ -432,6 +432,8 @@ async fn the_shipped_relay_toml_runs() {
     let dir = tempfile::tempdir().unwrap();
     config.listener.smtp = Some("127.0.0.1:0".into());
     config.listener.smtps = Some("127.0.0.1:0".into());
+    assert_eq!(config.admin_listen.as_deref(), Some("127.0.0.1:8025"));
+    config.admin_listen = Some("127.0.0.1:0".into());
     let project_relay::config::Provider::Capture(outbox) = config.server.provider.as_mut().unwrap()
     else {
         panic!("the shipped relay.toml captures server mail")
@@ -455,6 +457,19 @@ async fn the_shipped_relay_toml_runs() {
         .collect();
     assert_eq!(written.len(), 2);
     assert!(relay.smtps.is_some());
+    // The admin page the README points at.
+    let page = format!("http://{}/", relay.admin.unwrap());
+    let html = tokio::task::spawn_blocking(move || {
+        ureq::get(&page)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(html.contains("<title>project-relay</title>"), "{html}");
 }
 
 impl Client<tokio::net::TcpStream> {
