@@ -342,16 +342,25 @@ impl Session {
             .iter()
             .map(|t| format!("RCPT TO:<{t}>\r\n"))
             .collect();
-        let (mail_reply, rcpt_replies) = if self.ext.pipelining {
-            // One write for the whole envelope, then its replies in order.
+        if self.ext.pipelining {
+            // RFC 2920: the envelope in one write, then its replies in order. With one
+            // recipient DATA goes in the batch too: if that recipient is refused, the
+            // upstream has no recipient and refuses DATA, so nothing is sent and the
+            // connection stays. With several, an upstream that refused only some would still
+            // answer DATA with 354, and the only way out of that without delivering to the
+            // rest is to drop the connection: DATA then waits for every RCPT reply.
+            let with_data = rcpts.len() == 1;
             let mut batch = mail.into_bytes();
             for r in &rcpts {
                 batch.extend_from_slice(r.as_bytes());
             }
+            if with_data {
+                batch.extend_from_slice(b"DATA\r\n");
+            }
             self.write(Stage::Mail, &batch).await?;
             let mail_reply = self.read_reply(Stage::Mail).await?;
             progress.stage = Stage::Rcpt;
-            let mut replies = Vec::with_capacity(rcpts.len());
+            let mut refusal = None;
             // After a 421 the upstream says no more (it may have said it unprompted, before
             // closing an idle connection): the rest of the batch gets no replies.
             let mut closing = mail_reply.code == 421;
@@ -362,48 +371,85 @@ impl Session {
                 match self.read_reply(Stage::Rcpt).await {
                     Ok(reply) => {
                         closing = reply.code == 421;
-                        replies.push(reply);
+                        if !reply.is_positive() && refusal.is_none() {
+                            refusal = Some(reply);
+                        }
                     }
                     // The refusal of MAIL is the news, not what followed it.
                     Err(_) if !mail_reply.is_positive() => {
                         self.dirty = true;
-                        break;
+                        closing = true;
                     }
                     Err(e) => return Err(e),
                 }
             }
-            (mail_reply, replies)
+            progress.stage = Stage::Data;
+            let data_reply = if closing || !with_data {
+                None
+            } else {
+                match self.read_reply(Stage::Data).await {
+                    Ok(reply) => Some(reply),
+                    Err(_) if !mail_reply.is_positive() || refusal.is_some() => {
+                        self.dirty = true;
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            let ready = data_reply.as_ref().is_some_and(|r| r.code == 354);
+            if !mail_reply.is_positive() || refusal.is_some() {
+                // Refused, yet an upstream (out of line) waits for the message: it is never
+                // sent, not even an empty one. The connection is dropped without the end
+                // marker, so the upstream discards the transaction.
+                if ready {
+                    self.closing = true;
+                }
+                let (stage, reply) = match refusal {
+                    Some(r) if mail_reply.is_positive() => (Stage::Rcpt, r),
+                    _ => (Stage::Mail, mail_reply),
+                };
+                let err = self.refused(stage, reply);
+                if !ready && stage == Stage::Rcpt {
+                    self.reset_after_refusal().await;
+                }
+                return Err(err);
+            }
+            let data_reply = match data_reply {
+                Some(reply) => reply,
+                None if !with_data && !closing => self.command(Stage::Data, "DATA\r\n").await?,
+                None => {
+                    return Err(UpstreamError::Lost {
+                        stage: Stage::Data,
+                        detail: "no reply to DATA".into(),
+                    });
+                }
+            };
+            if data_reply.code != 354 {
+                let err = self.refused(Stage::Data, data_reply);
+                self.reset_after_refusal().await;
+                return Err(err);
+            }
         } else {
             let mail_reply = self.command(Stage::Mail, &mail).await?;
-            let mut replies = Vec::with_capacity(rcpts.len());
-            if mail_reply.is_positive() {
-                progress.stage = Stage::Rcpt;
-                for r in &rcpts {
-                    let reply = self.command(Stage::Rcpt, r).await?;
-                    let refused = !reply.is_positive();
-                    replies.push(reply);
-                    if refused {
-                        break;
-                    }
+            if !mail_reply.is_positive() {
+                return Err(self.refused(Stage::Mail, mail_reply));
+            }
+            progress.stage = Stage::Rcpt;
+            for r in &rcpts {
+                let reply = self.command(Stage::Rcpt, r).await?;
+                if !reply.is_positive() {
+                    let err = self.refused(Stage::Rcpt, reply);
+                    self.reset_after_refusal().await;
+                    return Err(err);
                 }
             }
-            (mail_reply, replies)
-        };
-        if !mail_reply.is_positive() {
-            // A refused MAIL leaves no transaction open (pipelined RCPTs were refused too).
-            return Err(self.refused(Stage::Mail, mail_reply));
-        }
-        if let Some(refusal) = rcpt_replies.into_iter().find(|r| !r.is_positive()) {
-            let err = self.refused(Stage::Rcpt, refusal);
-            self.reset_after_refusal().await;
-            return Err(err);
-        }
-        progress.stage = Stage::Data;
-        let reply = self.command(Stage::Data, "DATA\r\n").await?;
-        if reply.code != 354 {
-            let err = self.refused(Stage::Data, reply);
-            self.reset_after_refusal().await;
-            return Err(err);
+            progress.stage = Stage::Data;
+            let reply = self.command(Stage::Data, "DATA\r\n").await?;
+            if reply.code != 354 {
+                let err = self.refused(Stage::Data, reply);
+                self.reset_after_refusal().await;
+                return Err(err);
+            }
         }
         progress.stage = Stage::EndOfData;
         self.send_message(env.message, progress).await?;

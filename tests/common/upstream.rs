@@ -44,6 +44,10 @@ pub struct Script {
     pub xoauth2: Option<XOAuth2>,
     /// Greet with this instead of 220 (e.g. "421 4.3.2 busy"), then close.
     pub greeting: Option<String>,
+    /// Do not offer PIPELINING.
+    pub no_pipelining: bool,
+    /// Reply to DATA with this instead of 354 (when there are recipients).
+    pub data_reply: Option<String>,
     /// Percent of messages that meet a random fault: a 451, a dropped connection (before or
     /// after the data), or a stall.
     pub chaos_percent: u32,
@@ -88,6 +92,11 @@ struct State {
     rng: Mutex<u64>,
     /// Said to each connection closed by `kill_connections_saying`.
     farewell: Mutex<Option<String>>,
+    /// Per command: its connection, the line, and how many more complete lines had already
+    /// arrived behind it (sent in the same write: pipelined).
+    ahead: Mutex<Vec<(usize, String, usize)>>,
+    /// Connections that ended in the middle of message data (no end marker: nothing delivered).
+    aborted_data: AtomicUsize,
 }
 
 pub struct Upstream {
@@ -125,6 +134,8 @@ impl Upstream {
             kill: Mutex::new(CancellationToken::new()),
             rng: Mutex::new(0x9E37_79B9_7F4A_7C15),
             farewell: Mutex::new(None),
+            ahead: Mutex::new(Vec::new()),
+            aborted_data: AtomicUsize::new(0),
         });
         let stop = CancellationToken::new();
         let (st, stop2) = (state.clone(), stop.clone());
@@ -177,6 +188,31 @@ impl Upstream {
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.state.open.load(Ordering::SeqCst)
+    }
+
+    /// How many command lines had already arrived behind the first command of connection `id`
+    /// that starts with `prefix`: 0 when it came alone, more when pipelined with it.
+    pub fn ahead_of(&self, id: usize, prefix: &str) -> Option<usize> {
+        let ahead = self.state.ahead.lock().unwrap();
+        ahead
+            .iter()
+            .find(|(c, line, _)| *c == id && line.starts_with(prefix))
+            .map(|(_, _, n)| *n)
+    }
+
+    /// As `ahead_of`, for the `n`th (from 0) such command of connection `id`.
+    pub fn ahead_of_nth(&self, id: usize, prefix: &str, n: usize) -> Option<usize> {
+        let ahead = self.state.ahead.lock().unwrap();
+        ahead
+            .iter()
+            .filter(|(c, line, _)| *c == id && line.starts_with(prefix))
+            .nth(n)
+            .map(|(_, _, n)| *n)
+    }
+
+    /// Connections that ended in the middle of message data, so delivered nothing.
+    pub fn aborted_data(&self) -> usize {
+        self.state.aborted_data.load(Ordering::SeqCst)
     }
 
     /// The command lines of connection `id` (numbered from 1), in order.
@@ -295,14 +331,18 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             .to_string();
         state.commands.lock().unwrap().push(text.clone());
         state.log.lock().unwrap().push((id, text.clone()));
+        let behind = r.buffer().iter().filter(|b| **b == b'\n').count();
+        state.ahead.lock().unwrap().push((id, text.clone(), behind));
         let upper = text.to_ascii_uppercase();
         let script = state.script.lock().unwrap().clone();
         if upper.starts_with("EHLO") {
             let mut ext = vec![
                 "upstream.test".to_string(),
-                "PIPELINING".into(),
                 format!("SIZE {}", script.size.unwrap_or(52_428_800)),
             ];
+            if !script.no_pipelining {
+                ext.push("PIPELINING".into());
+            }
             if !script.no_8bitmime {
                 ext.push("8BITMIME".into());
             }
@@ -449,6 +489,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         } else if upper == "DATA" {
+            // A scripted reply comes first: an upstream may even say 354 with no recipient.
+            if let Some(reply) = &script.data_reply {
+                say!("{reply}");
+                continue;
+            }
             if mail.is_none() || rcpts.is_empty() {
                 say!("503 5.5.1 bad sequence");
                 continue;
@@ -462,7 +507,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             let mut wire = Vec::new();
             let mut data = Vec::new();
             loop {
-                let line = read_line(&mut r, kill).await?;
+                let Some(line) = read_line(&mut r, kill).await else {
+                    state.aborted_data.fetch_add(1, Ordering::SeqCst);
+                    return None;
+                };
                 wire.extend_from_slice(&line);
                 if script.close_mid_data {
                     return None;
