@@ -17,6 +17,8 @@ use crate::state::{Budget, Shared};
 
 /// Room for reading commands; small, so thousands of idle sessions stay small.
 const COMMAND_CHUNK: usize = 2 * 1024;
+/// What an idle session reads into: one command line (at most 1000 octets, RFC 5321).
+const IDLE_CHUNK: usize = 1024;
 /// Room for reading message data, where large reads mean fewer system calls.
 const DATA_CHUNK: usize = 32 * 1024;
 
@@ -132,17 +134,19 @@ pub async fn serve(
         limits: &limits,
         peer_ip,
     };
+    // The TLS parts live on the heap: this future is what every session holds while idle,
+    // and a plain session should not carry room for a TLS stream and its handshake.
     if implicit_tls {
-        let tls = handshake(&shared, tcp, limits.handshake).await?;
+        let tls = Box::pin(handshake(&shared, tcp, limits.handshake)).await?;
         crate::metrics::tls_session("implicit");
-        ctx.drive(tls, &mut session, &mut budget, true).await?;
+        Box::pin(ctx.drive(tls, &mut session, &mut budget, true)).await?;
         return Ok(());
     }
     if let Next::StartTls(tcp) = ctx.drive(tcp, &mut session, &mut budget, true).await? {
-        let tls = handshake(&shared, tcp, limits.handshake).await?;
+        let tls = Box::pin(handshake(&shared, tcp, limits.handshake)).await?;
         crate::metrics::tls_session("starttls");
         session.tls_started();
-        ctx.drive(tls, &mut session, &mut budget, false).await?;
+        Box::pin(ctx.drive(tls, &mut session, &mut budget, false)).await?;
     }
     Ok(())
 }
@@ -275,8 +279,9 @@ impl Ctx<'_> {
                         // applies to the next message, never to one in flight.
                         let state = self.shared.current();
                         let committed = std::sync::atomic::AtomicBool::new(false);
-                        let relay = state.relay.relay_committed(tx, &committed);
-                        tokio::pin!(relay);
+                        // On the heap: the relay's state is large, and an idle session should
+                        // not carry room for it.
+                        let mut relay = Box::pin(state.relay.relay_committed(tx, &committed));
                         // While the message waits for its sender's limits, a client that
                         // leaves loses its place (nothing is sent). Bytes it pipelines
                         // meanwhile are kept for after the reply.
@@ -330,8 +335,12 @@ impl Ctx<'_> {
                 // Read while a message was relayed: feed it before waiting for more.
                 continue;
             }
+            // An idle session holds only room for a command line; message data reads in
+            // larger chunks.
             buf.reserve(if session.in_data() {
                 DATA_CHUNK
+            } else if session.is_idle() {
+                IDLE_CHUNK
             } else {
                 COMMAND_CHUNK
             });

@@ -285,3 +285,28 @@ fn spawn_send(addr: std::net::SocketAddr) -> tokio::task::JoinHandle<String> {
             .await
     })
 }
+
+#[tokio::test]
+async fn an_auth_answered_with_250_is_accepted_as_postfix_smtp_sink_answers_it() {
+    let up = common::Upstream::start(common::Script {
+        auth: vec![("u".into(), "p".into())],
+        auth_reply: Some("250 2.0.0 Ok".into()),
+        ..common::Script::default()
+    })
+    .await;
+    let relay = common::Relay::start(&common::acme_project("127.0.0.1", up.port(), "")).await;
+    let mut c = relay.client().await;
+    let reply = c
+        .send_mail(
+            "a@app.example",
+            &["x@dest.example"],
+            b"X-Project-Id: acme\r\n\r\nhi\r\n",
+        )
+        .await;
+    // (The test upstream counts a scripted AUTH reply as no authentication, so MAIL then
+    // gets 530: what matters is that the relay went on past AUTH.)
+    assert!(
+        up.commands().iter().any(|c| c.starts_with("MAIL")),
+        "{reply}"
+    );
+}

@@ -301,7 +301,9 @@ impl Session {
         } else {
             reply
         };
-        if reply.code == 235 {
+        // 235 is the success RFC 4954 names; some servers (Postfix's smtp-sink among them)
+        // say 250, and any 2xx accepts.
+        if (200..300).contains(&reply.code) {
             Ok(())
         } else {
             Err(self.refused(Stage::Auth, reply))
