@@ -647,3 +647,48 @@ async fn a_fallback_and_limits_written_in_medplum_hold_as_in_relay_toml() {
     assert!(reply.starts_with("451 4.4.5"), "{reply}");
     assert_eq!(fallback.received().len(), 1);
 }
+
+#[tokio::test]
+async fn a_401_again_after_a_fresh_token_is_451_4_3_5() {
+    let w = world().await;
+    w.medplum.fault(Fault::Status(401));
+    let relay = w.relay("").await;
+    let reply = send(&relay, MSG).await;
+    assert!(
+        reply.starts_with("451 4.3.5") && reply.contains("fresh token"),
+        "{reply}"
+    );
+    assert_eq!(w.medplum.token_requests(), 2, "one fresh token, no more");
+    assert!(w.server.received().is_empty(), "never the server provider");
+}
+
+#[tokio::test]
+async fn a_404_is_remembered_for_refresh_secs_and_a_project_created_later_is_seen() {
+    let w = world().await;
+    let secrets = w.medplum.lock().projects.remove(PID).unwrap().secrets;
+    let relay = w.relay("refresh_secs = 1").await;
+    for _ in 0..3 {
+        assert!(send(&relay, MSG).await.starts_with("250"));
+    }
+    assert_eq!(
+        w.server.received().len(),
+        3,
+        "not in Medplum: the server provider"
+    );
+    assert_eq!(w.medplum.reads(PID), 1, "the 404 was remembered");
+    w.medplum.lock().projects.insert(
+        PID.into(),
+        common::medplum::Project {
+            version: 1,
+            secrets,
+            settings: Vec::new(),
+        },
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(send(&relay, MSG).await.starts_with("250"));
+    assert_eq!(
+        w.project.received().len(),
+        1,
+        "created later, seen within refresh_secs"
+    );
+}
