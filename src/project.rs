@@ -266,6 +266,41 @@ impl ProjectSmtp {
     }
 }
 
+/// A port entry: an integer in 1..65535 (`valueInteger` in Medplum), required.
+fn port(
+    name: &'static str,
+    entry: Option<Entry<'_>>,
+    bad: &mut Vec<(&'static str, String)>,
+) -> Option<u16> {
+    match entry {
+        Some(Entry::Integer(n)) if (1..=65535).contains(&n) => Some(n as u16),
+        Some(_) => {
+            bad.push((name, "must be an integer in 1..65535".into()));
+            None
+        }
+        None => {
+            bad.push((name, "missing".into()));
+            None
+        }
+    }
+}
+
+/// A `secure` entry: `Some(None)` when absent (inferred from the port), `None` when invalid.
+fn secure(
+    name: &'static str,
+    entry: Option<Entry<'_>>,
+    bad: &mut Vec<(&'static str, String)>,
+) -> Option<Option<bool>> {
+    match entry {
+        None => Some(None),
+        Some(Entry::Boolean(b)) => Some(Some(b)),
+        Some(_) => {
+            bad.push((name, "must be true or false".into()));
+            None
+        }
+    }
+}
+
 /// The fallback relay's entries: all or none.
 fn fallback<'a>(
     secret: &impl Fn(&'static str) -> Option<Entry<'a>>,
@@ -301,25 +336,8 @@ fn fallback<'a>(
     let host = text("smtpFallbackHost", true);
     let user = text("smtpFallbackUsername", true);
     let password = text("smtpFallbackPassword", false);
-    let port = match secret("smtpFallbackPort") {
-        Some(Entry::Integer(n)) if (1..=65535).contains(&n) => Some(n as u16),
-        Some(_) => {
-            bad.push(("smtpFallbackPort", "must be an integer in 1..65535".into()));
-            None
-        }
-        None => {
-            bad.push(("smtpFallbackPort", "missing".into()));
-            None
-        }
-    };
-    let secure = match secret("smtpFallbackSecure") {
-        None => Some(None),
-        Some(Entry::Boolean(b)) => Some(Some(b)),
-        Some(_) => {
-            bad.push(("smtpFallbackSecure", "must be true or false".into()));
-            None
-        }
-    };
+    let port = port("smtpFallbackPort", secret("smtpFallbackPort"), bad);
+    let secure = secure("smtpFallbackSecure", secret("smtpFallbackSecure"), bad);
     Some(SmtpTarget {
         host: host?,
         port: port?,
@@ -478,25 +496,9 @@ pub fn build<'a>(secret: impl Fn(&'static str) -> Option<Entry<'a>>) -> ProjectS
     } else {
         None
     };
-    let port = match secret("smtpPort") {
-        Some(Entry::Integer(n)) if (1..=65535).contains(&n) => Some(n as u16),
-        Some(_) => {
-            bad.push(("smtpPort", "must be an integer in 1..65535".into()));
-            None
-        }
-        None => {
-            bad.push(("smtpPort", "missing".into()));
-            None
-        }
-    };
-    let secure = match secret("smtpSecure") {
-        None => None,
-        Some(Entry::Boolean(b)) => Some(b),
-        Some(_) => {
-            bad.push(("smtpSecure", "must be true or false".into()));
-            None
-        }
-    };
+    let port = port("smtpPort", secret("smtpPort"), &mut bad);
+    // An invalid smtpSecure is named; the target is then not built, so its value is moot.
+    let secure = secure("smtpSecure", secret("smtpSecure"), &mut bad).flatten();
     let from = match secret("smtpFromAddress") {
         None => {
             bad.push(("smtpFromAddress", "missing".into()));

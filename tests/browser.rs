@@ -117,6 +117,20 @@ async fn wait_rows(client: &Client, selector: &str, n: usize, within: Duration) 
     }
 }
 
+async fn click(client: &Client, what: Locator<'_>) {
+    client.find(what).await.unwrap().click().await.unwrap();
+}
+
+async fn text_of(client: &Client, id: &str) -> String {
+    client
+        .find(Locator::Id(id))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 fn save(name: &str, png: &[u8]) {
     let dir = common::repo().join("target/screenshots");
     std::fs::create_dir_all(&dir).unwrap();
@@ -164,23 +178,9 @@ async fn new_mail_appears_within_two_seconds_with_its_from_decision() {
         ),
         "{decision}"
     );
-    let envelope = b
-        .client
-        .find(Locator::Id("m-envelope"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let envelope = text_of(&b.client, "m-envelope").await;
     assert!(envelope.contains("X-Project-Id: acme"), "{envelope}");
-    let body = b
-        .client
-        .find(Locator::Id("m-text"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = text_of(&b.client, "m-text").await;
     assert!(body.contains("The quarterly numbers."), "{body}");
     save("message.png", &b.client.screenshot().await.unwrap());
 }
@@ -223,13 +223,7 @@ async fn captured_html_never_runs_script_or_loads_remote_content() {
     assert!(send(&relay, &message).await.starts_with("250"));
     b.client.goto(&page(&relay)).await.unwrap();
     wait_rows(&b.client, "tr.message", 1, Duration::from_secs(2)).await;
-    b.client
-        .find(Locator::Css("tr.message"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b.client, Locator::Css("tr.message")).await;
     b.client
         .wait()
         .for_element(Locator::Css("#m-decision"))
@@ -267,13 +261,7 @@ async fn activity_shows_a_refused_message_and_delete_all_empties_the_inbox() {
     b.client.goto(&page(&relay)).await.unwrap();
     wait_rows(&b.client, "tr.message", 2, Duration::from_secs(2)).await;
 
-    b.client
-        .find(Locator::Id("tab-activity"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b.client, Locator::Id("tab-activity")).await;
     wait_rows(&b.client, "tr.activity", 3, Duration::from_secs(2)).await;
     let refused = b
         .client
@@ -286,20 +274,8 @@ async fn activity_shows_a_refused_message_and_delete_all_empties_the_inbox() {
     assert!(refused.contains("550 5.7.1"), "{refused}");
     save("activity.png", &b.client.screenshot().await.unwrap());
 
-    b.client
-        .find(Locator::Id("tab-inbox"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.client
-        .find(Locator::Id("delete-all"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b.client, Locator::Id("tab-inbox")).await;
+    click(&b.client, Locator::Id("delete-all")).await;
     b.client.accept_alert().await.unwrap();
     wait_rows(&b.client, "tr.message", 0, Duration::from_secs(2)).await;
 }
@@ -331,12 +307,6 @@ async fn with_a_token_the_page_shows_no_mail_until_it_is_given() {
 
     let input = b.client.find(Locator::Id("token")).await.unwrap();
     input.send_keys("s3cret-admin-token").await.unwrap();
-    b.client
-        .find(Locator::Css("#login-form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b.client, Locator::Css("#login-form button")).await;
     wait_rows(&b.client, "tr.message", 1, Duration::from_secs(2)).await;
 }
