@@ -1603,6 +1603,42 @@ appName = "Acme Health"
     }
 
     #[test]
+    fn oauth_and_fallback_secrets_may_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, value) in [
+            ("client", "client-secret\n"),
+            ("refresh", "refresh-token\n"),
+            ("fb", "fb-pass\n"),
+        ] {
+            std::fs::write(dir.path().join(name), value).unwrap();
+        }
+        let c = Config::from_toml_str(
+            "[projects.p]\nsmtpHost = \"smtp.office365.com\"\nsmtpPort = 587\nsmtpUsername = \"m@x.example\"\nsmtpAuthMethod = \"xoauth2\"\nsmtpOAuthTokenUrl = \"https://login.example/token\"\nsmtpOAuthClientId = \"app\"\nsmtpOAuthClientSecretFile = \"client\"\nsmtpOAuthRefreshTokenFile = \"refresh\"\nsmtpFromAddress = \"m@x.example\"\nsmtpFallbackHost = \"smtp.backup.example\"\nsmtpFallbackPort = 587\nsmtpFallbackUsername = \"b\"\nsmtpFallbackPasswordFile = \"fb\"\n",
+            dir.path(),
+        )
+        .unwrap();
+        let ProjectSmtp::Active(r) = &c.projects["p"].file_secrets().unwrap().smtp else {
+            panic!("not active")
+        };
+        let Some(Credentials {
+            auth: Auth::XOAuth2(client),
+            ..
+        }) = &r.target.credentials
+        else {
+            panic!("not xoauth2")
+        };
+        assert_eq!(client.client_secret.expose(), "client-secret");
+        assert_eq!(
+            client.refresh_token.as_ref().unwrap().expose(),
+            "refresh-token"
+        );
+        assert_eq!(
+            r.fallback.as_ref().unwrap().credentials,
+            Some(Credentials::password("b", "fb-pass"))
+        );
+    }
+
+    #[test]
     fn debug_output_hides_passwords() {
         let c = parse(FULL).unwrap();
         let dump = format!("{c:?}");

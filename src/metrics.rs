@@ -132,7 +132,7 @@ pub fn failover(sender: &str) {
     counter!("relay_failovers_total", "sender" => sender.to_owned()).increment(1);
 }
 
-/// Whether the circuit of a primary relay is open (1) or closed (0).
+/// Whether the circuit of a primary relay (`host:port`) is open (1) or closed (0).
 pub fn circuit(upstream: &str, open: bool) {
     gauge!("relay_circuit_open", "upstream" => upstream.to_owned()).set(if open {
         1.0

@@ -271,3 +271,60 @@ async fn a_client_that_leaves_while_waiting_loses_its_place() {
         "nothing was sent for the client that left"
     );
 }
+
+#[tokio::test]
+async fn failovers_limits_and_open_circuits_are_counted_and_the_server_provider_is_limited_too() {
+    let fb = Upstream::start(auth_script()).await;
+    let up = Upstream::start(Script::default()).await;
+    let closed = closed_port().await;
+    let relay = Relay::start(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[upstream]\nlimit_wait_secs = 1\ncircuit_failures = 1\n\
+         [server]\nsupportEmail = \"noreply@example.com\"\n[server.smtp]\nhost = \"127.0.0.1\"\nport = {}\nrate_limit = \"1/min\"\n\
+         [projects.metered]\nsmtpHost = \"127.0.0.1\"\nsmtpPort = {}\nsmtpSecure = false\nsmtpUsername = \"u\"\nsmtpPassword = \"p\"\n\
+         smtpFromAddress = \"noreply@acme.example\"\n{}",
+        up.port(),
+        closed,
+        fallback(fb.port())
+    ))
+    .await;
+    let server_msg = b"Subject: s\r\n\r\nhi\r\n";
+    let mut c = relay.client().await;
+    c.cmd("EHLO client.test", 250).await;
+    assert!(
+        c.mail("a@app.example", &["x@dest.example"], server_msg)
+            .await
+            .starts_with("250")
+    );
+    let reply = c
+        .mail("a@app.example", &["x@dest.example"], server_msg)
+        .await;
+    assert!(
+        reply.starts_with("451 4.4.5") && reply.contains("server may send 1/min"),
+        "{reply}"
+    );
+    let metered = b"X-Project-Id: metered\r\n\r\nhi\r\n";
+    assert!(
+        c.mail("a@app.example", &["x@dest.example"], metered)
+            .await
+            .starts_with("250")
+    );
+    assert_eq!(fb.received().len(), 1);
+    let url = format!("http://{}/metrics", relay.admin.unwrap());
+    let text = tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    for line in [
+        r#"relay_limit_total{sender="server",limit="rate",result="refused"} 1"#,
+        r#"relay_failovers_total{sender="metered"} 1"#,
+        &format!(r#"relay_circuit_open{{upstream="127.0.0.1:{closed}"}} 1"#),
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
+}

@@ -310,3 +310,30 @@ async fn an_auth_answered_with_250_is_accepted_as_postfix_smtp_sink_answers_it()
         "{reply}"
     );
 }
+
+#[tokio::test]
+async fn smtp_auth_method_picks_the_mechanism() {
+    for (method, expect) in [("login", "AUTH LOGIN"), ("plain", "AUTH PLAIN")] {
+        let up = common::Upstream::start(script(|_| {})).await;
+        let relay = Relay::start(&common::acme_project(
+            "127.0.0.1",
+            up.port(),
+            &format!("smtpAuthMethod = \"{method}\""),
+        ))
+        .await;
+        let mut c = relay.client().await;
+        let reply = c
+            .send_mail(
+                "a@app.example",
+                &["x@dest.example"],
+                b"X-Project-Id: acme\r\n\r\nhi\r\n",
+            )
+            .await;
+        assert!(reply.starts_with("250"), "{method}: {reply}");
+        assert!(
+            up.commands().iter().any(|c| c.starts_with(expect)),
+            "{method}: {:?}",
+            up.commands()
+        );
+    }
+}
