@@ -559,6 +559,29 @@ async fn check_and_send_test_read_medplum_projects_as_the_relay_does() {
     assert!(out.contains("reply:     250"), "{out}");
     assert_eq!(w.project.received().len(), 1);
 
+    // With a fleet credential, check obtains its token and says so.
+    w.medplum.add_client(
+        "fleet",
+        ClientApp {
+            secret: "fleet-secret".into(),
+            project: "super-admin-project".into(),
+            admin: true,
+            super_admin: true,
+        },
+    );
+    let fleet = toml(
+        &w.medplum,
+        &w.server,
+        "client_id = \"fleet\"\nclient_secret = \"fleet-secret\"",
+        &acme_table(),
+    );
+    let (ok, out) = common::process::run_once(fleet, &["check"]).await;
+    assert!(
+        ok && out.contains("medplum: fleet client: token ok"),
+        "{out}"
+    );
+    assert!(!out.contains("fleet-secret"), "{out}");
+
     // A client Medplum refuses: check says why, as the relay's reply would, and fails.
     let table = format!(
         "[projects.{PID}]\nmedplumClientId = \"{CLIENT}\"\nmedplumClientSecret = \"wrong\"\n"
