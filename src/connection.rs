@@ -288,6 +288,9 @@ impl Ctx<'_> {
                         let mut gone = false;
                         let outcome = loop {
                             tokio::select! {
+                                // The relay first: a message with no limit to wait for is
+                                // committed in its first poll, before a closed socket is seen.
+                                biased;
                                 outcome = &mut relay => break Some(outcome),
                                 read = stream.read_buf(&mut early), if !gone && early.len() < COMMAND_CHUNK => {
                                     if matches!(read, Ok(0) | Err(_)) {

@@ -214,6 +214,8 @@ impl Relay {
                 };
                 let head = std::mem::take(&mut decision.head);
                 let data = std::mem::take(&mut tx.data);
+                // From here the message is being written: it must not be abandoned.
+                committed.store(true, std::sync::atomic::Ordering::Release);
                 (
                     write_capture(dir, envelope, head, data, decision.body_offset).await,
                     None,

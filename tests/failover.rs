@@ -328,3 +328,41 @@ async fn failovers_limits_and_open_circuits_are_counted_and_the_server_provider_
         assert!(text.contains(line), "{line} not in\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_client_that_half_closes_after_the_dot_still_has_its_message_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start(auth_script()).await;
+    let relay = Relay::start(&project(up.port(), "")).await;
+    let mut tcp = tokio::net::TcpStream::connect(relay.smtp).await.unwrap();
+    let mut dialogue =
+        b"EHLO client.test\r\nMAIL FROM:<app@app.example>\r\nRCPT TO:<x@dest.example>\r\nDATA\r\n"
+            .to_vec();
+    // Pipelined: wait for the 354 before the message, as a client must.
+    tcp.write_all(&dialogue).await.unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("354") {
+        let n = tokio::time::timeout(common::STEP, tcp.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    dialogue = common::stuff(MSG);
+    tcp.write_all(&dialogue).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut rest = String::new();
+    let _ = tokio::time::timeout(common::STEP, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => rest.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+    })
+    .await;
+    assert!(rest.contains("250 2.0.0"), "{rest}");
+    assert_eq!(up.received().len(), 1);
+}
