@@ -133,6 +133,7 @@ pub async fn serve(
         shutdown: &shutdown,
         limits: &limits,
         peer_ip,
+        client,
     };
     // The TLS parts live on the heap: this future is what every session holds while idle,
     // and a plain session should not carry room for a TLS stream and its handshake.
@@ -209,6 +210,8 @@ struct Ctx<'a> {
     shutdown: &'a CancellationToken,
     limits: &'a Limits,
     peer_ip: IpAddr,
+    /// As the log names it: the PROXY header's address when there is one.
+    client: SocketAddr,
 }
 
 impl Ctx<'_> {
@@ -268,7 +271,8 @@ impl Ctx<'_> {
                             return close(stream, &out).await;
                         }
                     }
-                    Event::Relay(tx) => {
+                    Event::Relay(mut tx) => {
+                        tx.client = Some(self.client);
                         // Replies owed before the message go out first, so the client is not
                         // kept waiting on the upstream for them.
                         if !out.is_empty() {
@@ -304,6 +308,7 @@ impl Ctx<'_> {
                         };
                         let Some(outcome) = outcome else {
                             tracing::info!(
+                                client = %self.client,
                                 "client left while its message waited for a sending limit; nothing was sent"
                             );
                             return Ok(Next::Done);

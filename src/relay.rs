@@ -133,6 +133,7 @@ impl Relay {
                 };
                 metrics::message(project.unwrap_or("-"), kind, size);
                 tracing::info!(
+                    client = tx.client.map(tracing::field::display),
                     project = project.unwrap_or("-"),
                     mail_from = %tx.mail_from,
                     recipients = tx.recipients.len(),
@@ -256,6 +257,7 @@ impl Relay {
         }
         let took = started.elapsed();
         tracing::info!(
+            client = tx.client.map(tracing::field::display),
             project,
             transport = %transport,
             upstream = upstream_host.unwrap_or("-"),
@@ -323,6 +325,7 @@ impl Relay {
             data: message.into_bytes(),
             smtputf8: !to.is_ascii(),
             auth_project: None,
+            client: None,
         };
         self.relay_with_outcome(tx).await
     }

@@ -225,3 +225,36 @@ fn sighup_reloads_a_valid_file_and_keeps_the_old_one_when_invalid() {
     let (status, _) = relay.stop();
     assert!(status.success());
 }
+
+#[test]
+fn the_message_log_line_names_the_client() {
+    use std::io::{Read, Write};
+    let (dir, path) = write_config(
+        "[listener]\nsmtp = \"127.0.0.1:0\"\n[server]\nsupportEmail = \"noreply@example.com\"\n[server.capture]\ndir = \"outbox\"\n",
+    );
+    let mut cmd = bin();
+    cmd.arg("--config").arg(&path).current_dir(dir.path());
+    let mut relay = Process::start(cmd);
+    let addr = relay.listening();
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    let local = sock.local_addr().unwrap();
+    sock.write_all(b"EHLO me\r\nMAIL FROM:<a@app.example>\r\nRCPT TO:<b@dest.example>\r\nDATA\r\n")
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("354") {
+        let n = sock.read(&mut buf).unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&buf[..n]);
+    }
+    sock.write_all(b"Subject: s\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+        .unwrap();
+    let _ = sock.read_to_end(&mut seen);
+    let line = relay.wait_for(" message ");
+    assert!(line.contains(&format!("client={local}")), "{line}");
+    let (_, log) = relay.stop();
+    assert!(
+        !log.contains("session{"),
+        "no per-session span at info: {log}"
+    );
+}

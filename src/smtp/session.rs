@@ -54,6 +54,9 @@ pub struct Transaction {
     pub smtputf8: bool,
     /// The project the client authenticated for, if it used AUTH.
     pub auth_project: Option<String>,
+    /// The client's address (from the PROXY header when there is one), for the log; set by
+    /// the connection driver.
+    pub client: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -437,6 +440,7 @@ impl Session {
                 data,
                 smtputf8: from.smtputf8,
                 auth_project: self.authenticated.clone(),
+                client: None,
             }),
             Err(reply) => Event::Reply(reply),
         }
