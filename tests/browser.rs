@@ -117,8 +117,34 @@ async fn wait_rows(client: &Client, selector: &str, n: usize, within: Duration) 
     }
 }
 
+/// Clicks the element `what` finds; found again if the page redrew it meanwhile (new mail
+/// arriving redraws the list).
 async fn click(client: &Client, what: Locator<'_>) {
-    client.find(what).await.unwrap().click().await.unwrap();
+    for attempt in 0.. {
+        match client.find(what).await.unwrap().click().await {
+            Ok(()) => return,
+            Err(e) if attempt < 5 => {
+                eprintln!("retrying a click: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("click: {e}"),
+        }
+    }
+}
+
+/// The text of the element `what` finds, found again if it was redrawn meanwhile.
+async fn text(client: &Client, what: Locator<'_>) -> String {
+    for attempt in 0.. {
+        match client.find(what).await.unwrap().text().await {
+            Ok(t) => return t,
+            Err(e) if attempt < 5 => {
+                eprintln!("retrying a read: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("text: {e}"),
+        }
+    }
+    unreachable!()
 }
 
 async fn text_of(client: &Client, id: &str) -> String {
@@ -154,24 +180,23 @@ async fn new_mail_appears_within_two_seconds_with_its_from_decision() {
     .await;
     assert!(reply.starts_with("250"), "{reply}");
     wait_rows(&b.client, "tr.message", 1, Duration::from_secs(2)).await;
-    let row = b.client.find(Locator::Css("tr.message")).await.unwrap();
-    let text = row.text().await.unwrap();
-    assert!(text.contains("Report für März"), "{text}");
+    let row_text = text(&b.client, Locator::Css("tr.message")).await;
+    assert!(row_text.contains("Report für März"), "{row_text}");
     assert!(
-        text.contains("Acme <noreply@acme.example>") && text.contains("mallory@other.example"),
-        "{text}"
+        row_text.contains("Acme <noreply@acme.example>")
+            && row_text.contains("mallory@other.example"),
+        "{row_text}"
     );
     save("inbox.png", &b.client.screenshot().await.unwrap());
 
-    row.click().await.unwrap();
-    let decision = b
-        .client
+    click(&b.client, Locator::Css("tr.message")).await;
+    b.client
         .wait()
         .for_element(Locator::Css("#m-decision"))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let decision = decision.text().await.unwrap();
+    let decision = text_of(&b.client, "m-decision").await;
     assert!(
         decision.contains(
             "mallory@other.example is not in acme's smtpApprovedSenders: replaced by smtpFromAddress"
@@ -263,14 +288,7 @@ async fn activity_shows_a_refused_message_and_delete_all_empties_the_inbox() {
 
     click(&b.client, Locator::Id("tab-activity")).await;
     wait_rows(&b.client, "tr.activity", 3, Duration::from_secs(2)).await;
-    let refused = b
-        .client
-        .find(Locator::Css("tr.activity[data-outcome=refused]"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let refused = text(&b.client, Locator::Css("tr.activity[data-outcome=refused]")).await;
     assert!(refused.contains("550 5.7.1"), "{refused}");
     save("activity.png", &b.client.screenshot().await.unwrap());
 

@@ -61,6 +61,8 @@ function size(n) {
 
 function show(name) {
   view = name;
+  inboxKey = "";
+  activityKey = "";
   $("tab-inbox").classList.toggle("active", name !== "activity");
   $("tab-activity").classList.toggle("active", name === "activity");
   $("inbox-view").hidden = name !== "inbox";
@@ -72,12 +74,18 @@ function show(name) {
 // ----- inbox -----
 
 const projects = new Set();
+let inboxKey = "";
+let activityKey = "";
 
 async function loadInbox() {
   const q = new URLSearchParams({ newest: PAGE_SIZE });
   if ($("project-filter").value) q.set("project", $("project-filter").value);
   if ($("search").value) q.set("q", $("search").value);
   const { messages, total } = await (await api("/api/messages?" + q)).json();
+  // Redrawn only when something changed: rows stay put under the pointer between polls.
+  const key = q + "|" + total + "|" + messages.map((m) => m.id).join(",");
+  if (key === inboxKey) return;
+  inboxKey = key;
   const body = document.querySelector("#inbox tbody");
   const rows = messages.map((m) => {
     const tr = el("tr", null, "message");
@@ -107,6 +115,7 @@ $("search").addEventListener("input", refresh);
 $("delete-all").addEventListener("click", async () => {
   if (!confirm("Delete every captured message?")) return;
   await api("/api/messages", { method: "DELETE" });
+  inboxKey = "";
   refresh();
 });
 
@@ -182,6 +191,9 @@ async function loadActivity() {
   if ($("activity-project").value) q.set("project", $("activity-project").value);
   if ($("activity-outcome").value) q.set("outcome", $("activity-outcome").value);
   const { entries } = await (await api("/api/activity?" + q)).json();
+  const key = q + "|" + entries.length + "|" + (entries.length ? entries[0].seq : 0);
+  if (key === activityKey) return;
+  activityKey = key;
   const rows = entries.map((e) => {
     const tr = el("tr", null, "activity");
     tr.dataset.outcome = e.outcome;
