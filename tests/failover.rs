@@ -310,16 +310,8 @@ async fn failovers_limits_and_open_circuits_are_counted_and_the_server_provider_
     );
     assert_eq!(fb.received().len(), 1);
     let url = format!("http://{}/metrics", relay.admin.unwrap());
-    let text = tokio::task::spawn_blocking(move || {
-        ureq::get(&url)
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let (status, text) = common::http("GET", url).await;
+    assert_eq!(status, 200, "{text}");
     for line in [
         r#"relay_limit_total{sender="server",limit="rate",result="refused"} 1"#,
         r#"relay_failovers_total{sender="metered"} 1"#,

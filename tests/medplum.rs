@@ -619,16 +619,8 @@ async fn medplum_reads_tokens_and_stale_mail_are_counted() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert!(send(&relay, msg.as_bytes()).await.starts_with("250"));
     let url = format!("http://{}/metrics", relay.admin.unwrap());
-    let text = tokio::task::spawn_blocking(move || {
-        ureq::get(&url)
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let (status, text) = common::http("GET", url).await;
+    assert_eq!(status, 200, "{text}");
     for line in [
         format!(r#"relay_medplum_reads_total{{project="{id}",result="ok"}} 1"#),
         format!(r#"relay_medplum_reads_total{{project="{id}",result="not_modified"}} 1"#),

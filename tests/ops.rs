@@ -5,28 +5,9 @@ mod common;
 
 use std::process::Command;
 
-use common::{Relay, Script, Upstream};
+use common::{Relay, Script, Upstream, http};
 
 use common::process::{Process, command as bin};
-
-/// A blocking HTTP GET/DELETE with a real client, off the async runtime.
-async fn http(method: &'static str, url: String) -> (u16, String) {
-    tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut resp = match method {
-            "DELETE" => agent.delete(&url).call(),
-            _ => agent.get(&url).call(),
-        }
-        .expect("HTTP request");
-        let status = resp.status().as_u16();
-        (status, resp.body_mut().read_to_string().unwrap_or_default())
-    })
-    .await
-    .unwrap()
-}
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))

@@ -459,16 +459,8 @@ async fn the_shipped_relay_toml_runs() {
     assert!(relay.smtps.is_some());
     // The admin page the README points at.
     let page = format!("http://{}/", relay.admin.unwrap());
-    let html = tokio::task::spawn_blocking(move || {
-        ureq::get(&page)
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let (status, html) = common::http("GET", page).await;
+    assert_eq!(status, 200, "{html}");
     assert!(html.contains("<title>project-relay</title>"), "{html}");
 }
 

@@ -265,3 +265,22 @@ pub async fn eventually(mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A blocking HTTP GET/DELETE with a real client, off the async runtime.
+pub async fn http(method: &'static str, url: String) -> (u16, String) {
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut resp = match method {
+            "DELETE" => agent.delete(&url).call(),
+            _ => agent.get(&url).call(),
+        }
+        .expect("HTTP request");
+        let status = resp.status().as_u16();
+        (status, resp.body_mut().read_to_string().unwrap_or_default())
+    })
+    .await
+    .unwrap()
+}
