@@ -295,9 +295,14 @@ fn splice<'c>(
             .collect::<Vec<_>>()
             .join(", ")
     });
-    let caller = match from_fields.as_slice() {
-        [only] => approved_sender(only.value(data), approved),
-        _ => None,
+    // The caller's From, read strictly, when the message has exactly one; kept if approved.
+    let (caller, unapproved) = match from_fields.as_slice() {
+        [only] => match address::strict_mailbox(only.value(data)) {
+            Some(mb) if is_approved(&mb.address, approved) => (Some(mb), None),
+            Some(mb) => (None, Some(mb.address)),
+            None => (None, None),
+        },
+        _ => (None, None),
     };
     let kept_verbatim = caller
         .as_ref()
@@ -333,17 +338,14 @@ fn splice<'c>(
             format!("kept: {envelope_from} is in {list}; appName added as its name")
         }
         FromDecision::Added => format!("added: the message had no From, so {default}"),
-        FromDecision::Replaced => match from_fields.as_slice() {
-            [only] => match address::strict_mailbox(only.value(data)) {
-                Some(mb) => format!("{} is not in {list}: replaced by {default}", mb.address),
-                None => format!(
-                    "the From is not one plain mailbox that every mail reader reads alike (RFC 5322): replaced by {default}"
-                ),
-            },
-            several => format!(
-                "the message had {} From fields: replaced by {default}",
-                several.len()
+        FromDecision::Replaced => match (unapproved, from_fields.len()) {
+            (Some(address), _) => format!("{address} is not in {list}: replaced by {default}"),
+            (None, 1) => format!(
+                "the From is not one plain mailbox that every mail reader reads alike (RFC 5322): replaced by {default}"
             ),
+            (None, several) => {
+                format!("the message had {several} From fields: replaced by {default}")
+            }
         },
     };
 
@@ -418,11 +420,9 @@ fn server_route(config: &Config) -> Result<Route<'_>, Reply> {
     ))
 }
 
-/// The caller's From, if the field is exactly one mailbox (read strictly) and its address is
-/// approved.
-fn approved_sender(value: &[u8], approved: &ApprovedList) -> Option<Mailbox> {
-    let mb = address::strict_mailbox(value)?;
-    (address::is_plausible_address(&mb.address) && approved.contains(&mb.address)).then_some(mb)
+/// An address the caller's From may keep: one we would put in a header, and approved.
+fn is_approved(address: &str, approved: &ApprovedList) -> bool {
+    address::is_plausible_address(address) && approved.contains(address)
 }
 
 fn push_field(out: &mut Vec<u8>, name: &str, value: &str) {
