@@ -564,15 +564,6 @@ fn parse_project(body: &[u8], id: &str) -> Result<Read, Failure> {
     })
 }
 
-/// What `check` says of a project read from Medplum.
-pub fn describe(lookup: &Lookup) -> Result<String, String> {
-    match lookup {
-        Lookup::Found(s) => s.smtp.describe(),
-        Lookup::NotFound => Ok(ProjectSmtp::None.describe().unwrap_or_default()),
-        Lookup::Unreadable(reply) => Err(format!("error: {}", reply.text)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

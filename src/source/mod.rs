@@ -85,6 +85,7 @@ impl Sources {
             secrets,
             capture,
         };
+        let fleet = config.medplum.as_ref().and_then(|m| m.fleet.as_ref());
         let (client, capture) = match config.projects.get(id) {
             Some(p) => match &p.source {
                 Source::File(secrets) => {
@@ -92,13 +93,10 @@ impl Sources {
                 }
                 Source::Medplum(client) => (client.as_ref(), p.capture_dir.as_deref()),
             },
-            None => match config.medplum.as_ref().and_then(|m| m.fleet.as_ref()) {
-                Some(_) => (None, None),
-                None => return Ok(None),
-            },
+            None if fleet.is_some() => (None, None),
+            None => return Ok(None),
         };
         let per_project = client.is_some();
-        let fleet = config.medplum.as_ref().and_then(|m| m.fleet.as_ref());
         let (Some(medplum), Some(client)) = (self.medplum(), client.or(fleet)) else {
             return Err(Reply::secrets_unavailable(id));
         };
