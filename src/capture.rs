@@ -76,35 +76,57 @@ fn civil(days: i64) -> (i64, i64, i64) {
     (year, month, day)
 }
 
-/// `20261124T231434.123456Z`: sorts in time order, like the file names.
-fn timestamp(now: SystemTime) -> String {
+/// A moment in UTC, broken down once for the formats below.
+struct Utc {
+    /// Days since 1970-01-01 (its weekday is a Thursday).
+    days: i64,
+    year: i64,
+    month: i64,
+    day: i64,
+    hour: u64,
+    minute: u64,
+    second: u64,
+    micros: u32,
+}
+
+fn utc(now: SystemTime) -> Utc {
     let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     let (year, month, day) = civil(days);
+    Utc {
+        days,
+        year,
+        month,
+        day,
+        hour: rem / 3600,
+        minute: rem / 60 % 60,
+        second: rem % 60,
+        micros: d.subsec_micros(),
+    }
+}
+
+/// `20261124T231434.123456Z`: sorts in time order, like the file names.
+fn timestamp(now: SystemTime) -> String {
+    let t = utc(now);
     format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{:06}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        d.subsec_micros()
+        "{:04}{:02}{:02}T{:02}{:02}{:02}.{:06}Z",
+        t.year, t.month, t.day, t.hour, t.minute, t.second, t.micros
     )
 }
 
 /// Now in UTC as RFC 3339 with milliseconds: `2026-11-24T23:14:34.123Z`.
 pub fn utc_now() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    let (year, month, day) = civil(days);
+    let t = utc(SystemTime::now());
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        d.subsec_millis()
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year,
+        t.month,
+        t.day,
+        t.hour,
+        t.minute,
+        t.second,
+        t.micros / 1000
     )
 }
 
@@ -122,16 +144,16 @@ pub fn rfc5322_date(now: SystemTime) -> String {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let secs = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    let (year, month, day) = civil(days);
+    let t = utc(now);
     format!(
-        "{}, {day} {} {year} {:02}:{:02}:{:02} +0000",
-        DAYS[days.rem_euclid(7) as usize],
-        MONTHS[(month - 1) as usize],
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
+        "{}, {} {} {} {:02}:{:02}:{:02} +0000",
+        DAYS[t.days.rem_euclid(7) as usize],
+        t.day,
+        MONTHS[(t.month - 1) as usize],
+        t.year,
+        t.hour,
+        t.minute,
+        t.second
     )
 }
 
