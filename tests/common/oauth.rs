@@ -30,6 +30,14 @@ impl Issued {
             .is_some_and(|at| Instant::now() < *at)
     }
 
+    /// Issues `token` by hand, valid for `lifetime` (for a token endpoint written elsewhere).
+    pub fn issue(&self, token: &str, lifetime: Duration) {
+        self.0
+            .lock()
+            .unwrap()
+            .insert(token.to_owned(), Instant::now() + lifetime);
+    }
+
     /// Every token issued so far stops working (revoked).
     pub fn revoke_all(&self) {
         self.0.lock().unwrap().clear();
