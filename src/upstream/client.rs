@@ -18,7 +18,7 @@ use super::{Stage, UpstreamError};
 const MAX_REPLY_LINE: u64 = 4096;
 /// Lines in one multi-line reply (an EHLO with many extensions has about twenty).
 const MAX_REPLY_LINES: usize = 100;
-/// The stuffed message goes out in writes of about this size.
+/// Before the end marker goes out, the message's last stretch of about this size is held back.
 const WRITE_CHUNK: usize = 64 * 1024;
 
 /// One reply: its code and its text lines (without the code and separator).
@@ -121,6 +121,22 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -492,38 +508,56 @@ impl Session {
         let _ = self.io.get_mut().shutdown().await;
     }
 
-    /// The message dot-stuffed, then the end marker, in writes of about `WRITE_CHUNK`.
+    /// The message dot-stuffed, then the end marker. It goes out from the message's own
+    /// bytes in vectored writes: a staging copy would cost every message a copy and every
+    /// session in DATA room for it.
     async fn send_message(
         &mut self,
         message: &[&[u8]],
         progress: &mut Progress,
     ) -> Result<(), UpstreamError> {
-        let total: usize = message.iter().map(|p| p.len()).sum();
-        let mut out = Vec::with_capacity(total.min(WRITE_CHUNK) + 64);
-        let mut line_start = true;
-        for part in message {
-            let mut rest: &[u8] = part;
-            while !rest.is_empty() {
-                if line_start && rest[0] == b'.' {
-                    out.push(b'.');
-                }
-                let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
-                out.extend_from_slice(&rest[..end]);
-                line_start = rest[end - 1] == b'\n';
-                rest = &rest[end..];
-                if out.len() >= WRITE_CHUNK {
-                    self.write(Stage::EndOfData, &out).await?;
-                    out.clear();
-                }
-            }
+        let mut pieces = stuffed(message);
+        let body: usize = pieces.iter().map(|p| p.len()).sum();
+        let mut at = Cursor::default();
+        // All but the last stretch goes before the end marker is in any write, so a failure
+        // there still means the upstream cannot have the message.
+        while body - at.written > WRITE_CHUNK {
+            self.write_some(&pieces, &mut at).await?;
         }
-        if !line_start {
-            out.extend_from_slice(b"\r\n");
+        if pieces.last().is_some_and(|p| !p.ends_with(b"\n")) {
+            pieces.push(b"\r\n");
         }
-        out.extend_from_slice(b".\r\n");
+        pieces.push(b".\r\n");
         // From here the upstream may have the whole message, whatever happens next.
         progress.data_sent = true;
-        self.write(Stage::EndOfData, &out).await
+        while at.piece < pieces.len() {
+            self.write_some(&pieces, &mut at).await?;
+        }
+        self.io
+            .get_mut()
+            .flush()
+            .await
+            .map_err(|e| lost(Stage::EndOfData, &e))
+    }
+
+    /// One vectored write of what is left of `pieces` after `at`.
+    async fn write_some(&mut self, pieces: &[&[u8]], at: &mut Cursor) -> Result<(), UpstreamError> {
+        let rest = pieces[at.piece..]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| if i == 0 { &p[at.offset..] } else { *p });
+        let slices: Vec<io::IoSlice<'_>> = rest.take(MAX_IOV).map(io::IoSlice::new).collect();
+        let n = self
+            .io
+            .get_mut()
+            .write_vectored(&slices)
+            .await
+            .map_err(|e| lost(Stage::EndOfData, &e))?;
+        if n == 0 {
+            return Err(lost(Stage::EndOfData, &io::ErrorKind::WriteZero.into()));
+        }
+        at.advance(pieces, n);
+        Ok(())
     }
 
     fn refused(&mut self, stage: Stage, reply: Response) -> UpstreamError {
@@ -598,6 +632,61 @@ impl Session {
     }
 }
 
+/// Slices per vectored write: well under every system's IOV_MAX.
+const MAX_IOV: usize = 64;
+
+/// The message as pieces that, written in order, are it dot-stuffed (RFC 5321 §4.5.2): runs
+/// of its own bytes, with a lone "." before every line that starts with one.
+fn stuffed<'a>(message: &[&'a [u8]]) -> Vec<&'a [u8]> {
+    let mut pieces = Vec::with_capacity(message.len() + 2);
+    let mut line_start = true;
+    for &part in message {
+        if part.is_empty() {
+            continue;
+        }
+        let mut from = 0;
+        if line_start && part[0] == b'.' {
+            pieces.push(&b"."[..]);
+        }
+        for newline in memchr::memmem::find_iter(part, b"\n.") {
+            pieces.push(&part[from..=newline]);
+            pieces.push(&b"."[..]);
+            from = newline + 1;
+        }
+        pieces.push(&part[from..]);
+        line_start = part.ends_with(b"\n");
+    }
+    pieces
+}
+
+/// How far into a list of pieces the writes have got.
+#[derive(Default)]
+struct Cursor {
+    piece: usize,
+    offset: usize,
+    written: usize,
+}
+
+impl Cursor {
+    fn advance(&mut self, pieces: &[&[u8]], mut n: usize) {
+        self.written += n;
+        while n > 0 {
+            let left = pieces[self.piece].len() - self.offset;
+            if n < left {
+                self.offset += n;
+                return;
+            }
+            n -= left;
+            self.piece += 1;
+            self.offset = 0;
+        }
+        // Empty pieces are never written: step over them so `piece` says what is left.
+        while pieces.get(self.piece).is_some_and(|p| p.is_empty()) {
+            self.piece += 1;
+        }
+    }
+}
+
 /// A SASL mechanism with its secret.
 pub enum Mechanism<'a> {
     Plain(&'a str),
@@ -631,6 +720,46 @@ mod tests {
 
     fn lines(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Stuffing by the book, one byte at a time, to check the pieces against.
+    fn stuff_bytes(message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut line_start = true;
+        for &b in message {
+            if line_start && b == b'.' {
+                out.push(b'.');
+            }
+            out.push(b);
+            line_start = b == b'\n';
+        }
+        out
+    }
+
+    #[test]
+    fn stuffed_pieces_are_the_message_stuffed_wherever_it_is_cut() {
+        let message = b"..a\r\n.b\n\r\n.\r\nx.y\r\n..\r\n.";
+        for cut in 0..=message.len() {
+            for cut2 in cut..=message.len() {
+                let parts = [&message[..cut], &message[cut..cut2], &message[cut2..]];
+                let pieces = stuffed(&parts);
+                assert_eq!(
+                    pieces.concat(),
+                    stuff_bytes(message),
+                    "cut at {cut}, {cut2}"
+                );
+                // Every write size walks the pieces to their end, once.
+                for step in 1..6 {
+                    let mut at = Cursor::default();
+                    let total: usize = pieces.iter().map(|p| p.len()).sum();
+                    while at.written < total {
+                        let left = total - at.written;
+                        at.advance(&pieces, step.min(left));
+                    }
+                    assert_eq!(at.piece, pieces.len(), "cut at {cut}, {cut2}, step {step}");
+                }
+            }
+        }
     }
 
     #[test]
