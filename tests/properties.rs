@@ -27,7 +27,7 @@ fn stuff(body: &[u8]) -> Vec<u8> {
 }
 
 fn read_in_pieces(input: &[u8], cuts: &[usize]) -> Option<(usize, Result<Vec<u8>, u16>)> {
-    let mut reader = DataReader::new(1 << 20);
+    let mut reader = DataReader::new(1 << 20, None);
     let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
     cuts.sort_unstable();
     cuts.push(input.len());

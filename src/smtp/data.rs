@@ -30,6 +30,11 @@ enum State {
     Cr,
 }
 
+/// What a message gets to start with when its size is not declared: a typical mail fits.
+const INITIAL_ROOM: usize = 8 * 1024;
+/// The most a declared SIZE reserves in advance.
+const DECLARED_ROOM_MAX: usize = 1024 * 1024;
+
 #[derive(Debug)]
 pub struct DataReader {
     state: State,
@@ -48,10 +53,19 @@ pub struct DataReader {
 pub type DataResult = Result<Vec<u8>, Reply>;
 
 impl DataReader {
-    pub fn new(max_size: usize) -> DataReader {
+    /// `declared` is the client's SIZE, if it gave one: room for that much is taken at once
+    /// (up to `DECLARED_ROOM_MAX`, since a client can declare anything), otherwise the room
+    /// grows with the message from what most messages need.
+    pub fn new(max_size: usize, declared: Option<u64>) -> DataReader {
+        let room = declared
+            .map_or(INITIAL_ROOM, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX).saturating_add(2)
+            })
+            .min(DECLARED_ROOM_MAX)
+            .min(max_size);
         DataReader {
             state: State::LineStart { after_crlf: true },
-            out: Vec::with_capacity(max_size.min(64 * 1024)),
+            out: Vec::with_capacity(room),
             max_size,
             line_len: 0,
             refused: None,
@@ -191,11 +205,11 @@ mod tests {
 
     /// Feeds `input` whole, then byte by byte, and checks both give the same answer.
     fn read(input: &[u8]) -> Option<(usize, DataResult)> {
-        let mut whole = DataReader::new(1 << 20);
+        let mut whole = DataReader::new(1 << 20, None);
         let (n, result) = whole.feed(input);
         let whole_result = result.map(|r| (n, r));
 
-        let mut bytewise = DataReader::new(1 << 20);
+        let mut bytewise = DataReader::new(1 << 20, None);
         let mut split_result = None;
         for (i, b) in input.iter().enumerate() {
             let (used, result) = bytewise.feed(std::slice::from_ref(b));
@@ -315,18 +329,29 @@ mod tests {
     }
 
     #[test]
+    fn room_follows_the_declared_size_within_bounds() {
+        // Declared: taken at once, so a large message is not copied as it grows.
+        assert!(DataReader::new(1 << 30, Some(300_000)).buffered() >= 300_002);
+        // A client can declare anything: neither the limit nor the cap is passed.
+        assert!(DataReader::new(1 << 30, Some(u64::MAX)).buffered() <= DECLARED_ROOM_MAX);
+        assert!(DataReader::new(5_000, Some(4_000_000)).buffered() <= 5_000);
+        // Undeclared: what a typical mail needs, not room for a large one.
+        assert!(DataReader::new(1 << 30, None).buffered() <= INITIAL_ROOM);
+    }
+
+    #[test]
     fn size_cap() {
-        let mut r = DataReader::new(10);
+        let mut r = DataReader::new(10, None);
         let (_, res) = r.feed(b"0123456789\r\n.\r\n");
         assert_eq!(res.unwrap().unwrap_err(), Reply::TOO_LARGE);
-        let mut r = DataReader::new(12);
+        let mut r = DataReader::new(12, None);
         let (_, res) = r.feed(b"0123456789\r\n.\r\n");
         assert_eq!(res.unwrap().unwrap(), b"0123456789\r\n");
     }
 
     #[test]
     fn abandoned_message_is_read_to_its_end_and_refused() {
-        let mut r = DataReader::new(1000);
+        let mut r = DataReader::new(1000, None);
         let (_, done) = r.feed(b"first part\r\n");
         assert!(done.is_none());
         assert!(r.buffered() > 0);

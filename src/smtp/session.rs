@@ -316,9 +316,9 @@ impl Session {
             (Command::Data, s @ State::Mail { .. }) => (s, self.error(Reply::NEED_RCPT)),
             (Command::Data, State::Rcpt { from, recipients }) => (
                 State::Data {
+                    reader: DataReader::new(self.settings.max_message_size, from.size),
                     from,
                     recipients,
-                    reader: DataReader::new(self.settings.max_message_size),
                 },
                 Event::Reply(Reply::START_DATA),
             ),
