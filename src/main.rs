@@ -1,5 +1,6 @@
 //! The `project-relay` command: `serve` (the default), `check` and `send-test`.
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -30,6 +31,10 @@ struct Cli {
     /// Log format; overrides `[log] format`.
     #[arg(long, global = true, value_enum)]
     log_format: Option<Format>,
+    /// Worker threads of `serve` (default: one per CPU the process may use). On a host whose
+    /// other cores are busy, or a sidecar given one core, 1 spends the least CPU per message.
+    #[arg(long, global = true, env = "PROJECT_RELAY_THREADS")]
+    threads: Option<NonZeroUsize>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -70,7 +75,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(&cli.config, cli.log_format),
+        Command::Serve => serve(&cli.config, cli.log_format, cli.threads),
         Command::Check { connect } => check(&cli.config, connect),
         Command::SendTest { project, to, from } => {
             send_test(&cli.config, &project, &to, from.as_deref())
@@ -97,12 +102,18 @@ fn init_logging(format: LogFormat) {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    runtime_with(None)
 }
 
-fn serve(path: &Path, format: Option<Format>) -> ExitCode {
+fn runtime_with(threads: Option<NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n.get());
+    }
+    builder.enable_all().build()
+}
+
+fn serve(path: &Path, format: Option<Format>, threads: Option<NonZeroUsize>) -> ExitCode {
     let loaded = Config::load(path);
     let format = match (format, &loaded) {
         (Some(Format::Json), _) => LogFormat::Json,
@@ -113,7 +124,7 @@ fn serve(path: &Path, format: Option<Format>) -> ExitCode {
     init_logging(format);
     let result = loaded
         .context("invalid configuration")
-        .and_then(|config| run(path, Arc::new(config)));
+        .and_then(|config| run(path, Arc::new(config), threads));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -123,9 +134,11 @@ fn serve(path: &Path, format: Option<Format>) -> ExitCode {
     }
 }
 
-fn run(path: &Path, config: Arc<Config>) -> anyhow::Result<()> {
+fn run(path: &Path, config: Arc<Config>, threads: Option<NonZeroUsize>) -> anyhow::Result<()> {
     warn_misconfigured(&config);
-    runtime()?.block_on(async {
+    let rt = runtime_with(threads)?;
+    tracing::info!("worker threads: {}", rt.metrics().num_workers());
+    rt.block_on(async {
         // Handlers first: a signal that came before them would kill the process.
         use tokio::signal::unix::{SignalKind, signal};
         let term = signal(SignalKind::terminate())?;

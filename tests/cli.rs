@@ -191,6 +191,41 @@ fn serve_logs_its_listeners_and_stops_on_sigterm() {
     assert!(log.contains("broken") && !log.contains("hunter2"), "{log}");
 }
 
+#[test]
+fn serve_runs_on_the_worker_threads_it_is_given() {
+    let (_dir, path) =
+        write_config("[listener]\nsmtp = \"127.0.0.1:0\"\n[server.capture]\ndir = \"outbox\"\n");
+    for (args, env, want) in [
+        (&["--threads", "1"][..], None, "worker threads: 1"),
+        (&[][..], Some("3"), "worker threads: 3"),
+    ] {
+        let mut cmd = bin();
+        cmd.arg("--config").arg(&path).args(args);
+        if let Some(n) = env {
+            cmd.env("PROJECT_RELAY_THREADS", n);
+        }
+        let mut relay = Process::start(cmd);
+        let addr = relay.listening();
+        assert!(greeting(addr).starts_with("220 "));
+        let (status, log) = relay.stop();
+        assert!(status.success());
+        assert!(log.contains(want), "{args:?} {env:?}: {log}");
+    }
+    // Zero threads is not a number of threads.
+    let out = bin()
+        .arg("--config")
+        .arg(&path)
+        .args(["--threads", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--threads"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn greeting(addr: std::net::SocketAddr) -> String {
     let mut sock = std::net::TcpStream::connect(addr).unwrap();
     let mut g = String::new();
