@@ -376,13 +376,30 @@ def throughput(tmp, setup, size, sessions, count):
         sessions_seen, mesg = sink.counts()
         conns = None if setup == "direct" else 1000 * sessions_seen / max(mesg, 1)
         return {"rate": count / elapsed, "rss_mb": rss_mb, "conns": conns, "secs": elapsed,
-                "cpu": cpu}
+                "count": count, "cpu": cpu}
     finally:
         if relay:
             relay.close()
         if postfix:
             postfix.close()
         sink.close()
+
+
+def combine(runs):
+    """Runs of the same setup as one: messages over total time, CPU per message weighted by
+    messages, the highest peak memory."""
+    count = sum(r["count"] for r in runs)
+    secs = sum(r["secs"] for r in runs)
+
+    def per_msg(get):
+        vals = [(get(r), r["count"]) for r in runs]
+        if any(v is None for v, _ in vals):
+            return None
+        return sum(v * n for v, n in vals) / count
+    return {"rate": count / secs, "secs": secs, "count": count,
+            "rss_mb": per_msg(lambda r: r["rss_mb"]) and max(r["rss_mb"] for r in runs),
+            "conns": per_msg(lambda r: r["conns"]),
+            "cpu": {k: per_msg(lambda r, k=k: r["cpu"][k]) for k in ("source", "sink", "relay")}}
 
 
 # ----- latency: one SMTP session per message, timed by the client -----
@@ -416,22 +433,32 @@ def one_message(port, payload):
     return time.perf_counter() - t0
 
 
-def latency(port, payload, count, concurrency):
-    times = []
+def latency(ports, payload, count, concurrency):
+    """p50 and p99 for each port, in ms. The ports take turns message by message (the order
+    swapped every round), so that a slow spell of a shared machine falls on both alike."""
+    times = [[] for _ in ports]
     lock = threading.Lock()
     per = count // concurrency
 
     def worker():
-        local = [one_message(port, payload) for _ in range(per)]
+        local = [[] for _ in ports]
+        for i in range(per):
+            order = range(len(ports)) if i % 2 == 0 else reversed(range(len(ports)))
+            for k in order:
+                local[k].append(one_message(ports[k], payload))
         with lock:
-            times.extend(local)
+            for k, t in enumerate(local):
+                times[k].extend(t)
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(RUN_LIMIT)
-    times.sort()
-    return times[len(times) // 2] * 1000, times[int(len(times) * 0.99)] * 1000
+    out = []
+    for t in times:
+        t.sort()
+        out.append((t[len(t) // 2] * 1000, t[int(len(t) * 0.99)] * 1000))
+    return out
 
 
 def smtp_payload(size):
@@ -536,12 +563,23 @@ def main():
                 count = max(100, int(count * scale))
                 direct = None
                 direct_cpu = None
-                for setup in setups:
-                    try:
-                        r = throughput(tmp, setup, size, sessions, count)
-                    except Exception as e:  # one failed setup must not lose the others
-                        say(f"| {setup} | {size // 1024} KB | {sessions} | failed: {e} | | | |")
+                # Two halves in mirrored order (direct, relay, postfix, postfix, relay,
+                # direct): a machine that slows down or speeds up during the run weighs on
+                # every setup alike.
+                rounds = {setup: [] for setup in setups}
+                failed = {}
+                for setup in setups + setups[::-1]:
+                    if setup in failed:
                         continue
+                    try:
+                        rounds[setup].append(throughput(tmp, setup, size, sessions, count // 2))
+                    except Exception as e:  # one failed setup must not lose the others
+                        failed[setup] = e
+                for setup in setups:
+                    if setup in failed:
+                        say(f"| {setup} | {size // 1024} KB | {sessions} | failed: {failed[setup]} | | | |")
+                        continue
+                    r = combine(rounds[setup])
                     if setup == "direct":
                         direct = r["rate"]
                         direct_cpu = r["cpu"]["source"] + r["cpu"]["sink"]
@@ -566,6 +604,7 @@ def main():
             say()
         if args.only in (None, "latency"):
             say("## Latency (one session per message, client-observed, 2 KB)\n")
+            say("Direct and relayed messages take turns, so both see the same machine.\n")
             say("| setup | concurrency | p50 ms | p99 ms |")
             say("|---|---|---|---|")
             payload = smtp_payload(2048)
@@ -574,10 +613,8 @@ def main():
                 sink = Sink(tmp)
                 relay = Relay(tmp, sink.port)
                 try:
-                    latency(sink.port, payload, 50, 1)  # warm up
-                    latency(relay.port, payload, 50, 1)
-                    d50, d99 = latency(sink.port, payload, n, conc)
-                    r50, r99 = latency(relay.port, payload, n, conc)
+                    latency([sink.port, relay.port], payload, 50, 1)  # warm up
+                    (d50, d99), (r50, r99) = latency([sink.port, relay.port], payload, n, conc)
                 finally:
                     relay.close()
                     sink.close()
