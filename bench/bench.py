@@ -544,7 +544,8 @@ def main():
                                 text=True).stdout.strip()
     say(f"# Benchmark results\n\nRun {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
         f"on {os.cpu_count()} cores ({cpu}); {pf_version}; loopback only. "
-        f"Ratios are within this one run.\n")
+        f"Ratios are within this one run. Relay worker threads: "
+        f"{os.environ.get('PROJECT_RELAY_THREADS') or 'the default (one per CPU)'}.\n")
     try:
         if args.only in (None, "throughput"):
             setups = ["direct", "project-relay"] + ([] if args.no_postfix else ["postfix"])
