@@ -20,7 +20,7 @@ const COMMAND_CHUNK: usize = 2 * 1024;
 /// What an idle session reads into: one command line (at most 1000 octets, RFC 5321).
 const IDLE_CHUNK: usize = 1024;
 /// Room for reading message data, where large reads mean fewer system calls.
-const DATA_CHUNK: usize = 32 * 1024;
+const DATA_CHUNK: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
@@ -61,6 +61,9 @@ pub async fn serve(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> Result<(), ConnectionError> {
+    // Linux passes the listener's TCP_NODELAY on to the accepted socket; elsewhere it is set
+    // per connection.
+    #[cfg(not(target_os = "linux"))]
     let _ = tcp.set_nodelay(true);
     let state = shared.current();
     let listener = &state.config.listener;
