@@ -276,6 +276,12 @@ impl Ctx<'_> {
                     }
                     Event::Relay(mut tx) => {
                         tx.client = Some(self.client);
+                        // The message is whole: while it is relayed, which is when every
+                        // session in DATA holds its message at once, the read buffer keeps
+                        // only what the client pipelined after it.
+                        buf.drain(..start);
+                        start = 0;
+                        buf.shrink_to(0);
                         // Replies owed before the message go out first, so the client is not
                         // kept waiting on the upstream for them.
                         if !out.is_empty() {
