@@ -22,6 +22,7 @@ use crate::state::Shared;
 struct AppState {
     shared: Arc<Shared>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    listing: Arc<capture::Listing>,
 }
 
 pub async fn serve(
@@ -32,6 +33,7 @@ pub async fn serve(
     let state = AppState {
         shared,
         metrics: crate::metrics::handle(),
+        listing: Arc::default(),
     };
     // Mail content is never served to the network unauthenticated; probes and scrapers keep
     // their open endpoints.
@@ -205,11 +207,13 @@ async fn list(
         },
     };
     let roots = capture_roots(&state.shared);
-    let Ok(all) = tokio::task::spawn_blocking(move || capture::list(&roots)).await else {
+    let listing = state.listing.clone();
+    let Ok(all) = tokio::task::spawn_blocking(move || listing.list(&roots)).await else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "listing failed");
     };
-    let messages: Vec<serde_json::Value> = all
-        .into_iter()
+    let messages: Vec<&serde_json::Value> = all
+        .iter()
+        .map(|m| m.as_ref())
         .filter(|m| match query.get("project") {
             None => true,
             Some(p) if p == "_server" => m["project"].is_null(),

@@ -2,8 +2,10 @@
 //! `<dir>/<project or _server>/<timestamp>-<id>.eml` with a JSON envelope beside it; and
 //! reads them back for the admin inbox API.
 
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -215,17 +217,75 @@ fn stored_files(roots: &[PathBuf]) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The stored envelopes under `roots`, oldest first.
-pub fn list(roots: &[PathBuf]) -> Vec<serde_json::Value> {
-    let mut found: Vec<serde_json::Value> = stored_files(roots)
-        .into_iter()
-        .filter(|path| {
-            path.extension().is_some_and(|e| e == "json") && path.with_extension("eml").exists()
-        })
-        .filter_map(|path| serde_json::from_slice(&std::fs::read(path).ok()?).ok())
-        .collect();
-    found.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
-    found
+/// The stored envelopes, read again only when their file changes: the inbox page asks for
+/// the list every second, and reading and parsing every envelope each time costs about 0.1 s
+/// of CPU per 5,000 messages.
+#[derive(Default)]
+pub struct Listing {
+    // By the envelope's path as bytes (hashing a `Path` walks its components).
+    read: std::sync::Mutex<HashMap<std::ffi::OsString, Read>>,
+}
+
+/// One envelope as read, with what its file looked like then.
+struct Read {
+    modified: SystemTime,
+    len: u64,
+    /// The envelope's `id`, which the listing is sorted by.
+    id: String,
+    envelope: Arc<serde_json::Value>,
+}
+
+impl Listing {
+    /// The stored envelopes under `roots` whose message is there too, oldest first.
+    pub fn list(&self, roots: &[PathBuf]) -> Vec<Arc<serde_json::Value>> {
+        let mut read = self.read.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = HashMap::with_capacity(read.len());
+        for folder in roots
+            .iter()
+            .filter_map(|root| std::fs::read_dir(root).ok())
+            .flat_map(|folders| folders.flatten())
+        {
+            let Ok(files) = std::fs::read_dir(folder.path()) else {
+                continue;
+            };
+            let files: Vec<std::fs::DirEntry> = files.flatten().collect();
+            let names: HashSet<std::ffi::OsString> = files.iter().map(|f| f.file_name()).collect();
+            for file in files {
+                let path = file.path();
+                if path.extension().is_none_or(|e| e != "json")
+                    || !names.contains(path.with_extension("eml").file_name().unwrap_or_default())
+                {
+                    continue;
+                }
+                let Ok(meta) = file.metadata() else { continue };
+                let (modified, len) = (meta.modified().unwrap_or(UNIX_EPOCH), meta.len());
+                let key = path.into_os_string();
+                let entry = match read.remove(&key) {
+                    Some(r) if r.modified == modified && r.len == len => r,
+                    _ => {
+                        let Some(envelope) = std::fs::read(&key)
+                            .ok()
+                            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                        else {
+                            continue;
+                        };
+                        Read {
+                            modified,
+                            len,
+                            id: envelope["id"].as_str().unwrap_or_default().to_owned(),
+                            envelope: Arc::new(envelope),
+                        }
+                    }
+                };
+                seen.insert(key, entry);
+            }
+        }
+        // What was not seen this time is gone: deleted files are forgotten.
+        *read = seen;
+        let mut found: Vec<&Read> = read.values().collect();
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        found.into_iter().map(|r| r.envelope.clone()).collect()
+    }
 }
 
 /// The `.eml` and `.json` of one message.
@@ -381,6 +441,46 @@ pub fn sortable_time(t: &str) -> Option<String> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_listing_follows_the_files_and_rereads_only_what_changed() {
+        let root = tempfile::tempdir().unwrap();
+        let folder = root.path().join("acme");
+        std::fs::create_dir(&folder).unwrap();
+        let put = |id: &str, subject: &str, eml: bool| {
+            let envelope = serde_json::json!({ "id": id, "subject": subject });
+            std::fs::write(folder.join(format!("{id}.json")), envelope.to_string()).unwrap();
+            if eml {
+                std::fs::write(folder.join(format!("{id}.eml")), "x").unwrap();
+            }
+        };
+        let ids = |found: &[Arc<serde_json::Value>]| -> Vec<String> {
+            found
+                .iter()
+                .map(|e| e["id"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let roots = [root.path().to_owned()];
+        let listing = Listing::default();
+        put("b", "two", true);
+        put("a", "one", true);
+        // An envelope whose message is not (yet) there is not listed.
+        put("c", "three", false);
+        let first = listing.list(&roots);
+        assert_eq!(ids(&first), ["a", "b"]);
+        // Unchanged files are not read again; a changed one is.
+        put("b", "two, changed", true);
+        std::fs::write(folder.join("c.eml"), "x").unwrap();
+        let second = listing.list(&roots);
+        assert_eq!(ids(&second), ["a", "b", "c"]);
+        assert!(Arc::ptr_eq(&first[0], &second[0]), "a was read again");
+        assert_eq!(second[1]["subject"], "two, changed");
+        // A deleted message leaves the listing.
+        std::fs::remove_file(folder.join("a.eml")).unwrap();
+        assert_eq!(ids(&listing.list(&roots)), ["b", "c"]);
+        std::fs::remove_file(folder.join("b.json")).unwrap();
+        assert_eq!(ids(&listing.list(&roots)), ["c"]);
+    }
 
     #[test]
     fn timestamps() {
