@@ -636,7 +636,8 @@ impl Session {
 const MAX_IOV: usize = 64;
 
 /// The message as pieces that, written in order, are it dot-stuffed (RFC 5321 §4.5.2): runs
-/// of its own bytes, with a lone "." before every line that starts with one.
+/// of its own bytes, with a lone "." before every line that starts with one. No piece is
+/// empty, so a write that ends at a piece's end leaves the cursor at the next one.
 fn stuffed<'a>(message: &[&'a [u8]]) -> Vec<&'a [u8]> {
     let mut pieces = Vec::with_capacity(message.len() + 2);
     let mut line_start = true;
@@ -679,10 +680,6 @@ impl Cursor {
             n -= left;
             self.piece += 1;
             self.offset = 0;
-        }
-        // Empty pieces are never written: step over them so `piece` says what is left.
-        while pieces.get(self.piece).is_some_and(|p| p.is_empty()) {
-            self.piece += 1;
         }
     }
 }
@@ -748,6 +745,7 @@ mod tests {
                     stuff_bytes(message),
                     "cut at {cut}, {cut2}"
                 );
+                assert!(pieces.iter().all(|p| !p.is_empty()), "cut at {cut}, {cut2}");
                 // Every write size walks the pieces to their end, once.
                 for step in 1..6 {
                     let mut at = Cursor::default();
