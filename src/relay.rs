@@ -74,13 +74,8 @@ impl Relay {
         }
     }
 
-    /// Relays one finished transaction and returns the client's reply: 250 only once the
-    /// upstream (or the capture folder) has the message.
-    pub async fn relay(&self, tx: Transaction) -> Reply {
-        let committed = std::sync::atomic::AtomicBool::new(false);
-        self.relay_committed(tx, &committed).await.reply
-    }
-
+    /// Relays one finished transaction: the client's reply is 250 only once the upstream (or
+    /// the capture folder) has the message.
     pub async fn relay_with_outcome(&self, tx: Transaction) -> Outcome {
         let committed = std::sync::atomic::AtomicBool::new(false);
         self.relay_committed(tx, &committed).await
@@ -97,22 +92,25 @@ impl Relay {
         let started = Instant::now();
         let size = tx.data.len();
         let identified = policy::identify(&self.config, &tx.data, tx.auth_project.as_deref());
+        // The project's settings, looked up between identify and the pure route; the
+        // decision borrows them.
         let found = match &identified {
             Ok(id) => match id.project.as_deref() {
                 Some(project) => self
                     .sources
                     .find(&self.config, project)
                     .await
+                    .map(|found| (id, found))
                     .map_err(|reply| policy::Refusal {
                         reply,
                         project: Some(project),
                     }),
-                None => Ok(None),
+                None => Ok((id, None)),
             },
             Err(reply) => Err(policy::Refusal::from(reply.clone())),
         };
-        let routed = match (&identified, &found) {
-            (Ok(id), Ok(found)) => {
+        let routed = match &found {
+            Ok((id, found)) => {
                 let project = found.as_ref().map(|f| policy::Project {
                     name: &f.name,
                     secrets: &f.secrets,
@@ -120,8 +118,7 @@ impl Relay {
                 });
                 policy::route(&self.config, id, &tx.data, project)
             }
-            (_, Err(refusal)) => Err(refusal.clone()),
-            (Err(reply), Ok(_)) => Err(policy::Refusal::from(reply.clone())),
+            Err(refusal) => Err(refusal.clone()),
         };
         let mut decision = match routed {
             Ok(d) => d,
