@@ -206,15 +206,14 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
 }
 
-/// Every file in the project folders under `roots`.
-fn stored_files(roots: &[PathBuf]) -> Vec<PathBuf> {
+/// The files of each project folder under `roots`, a folder at a time.
+fn project_folders(roots: &[PathBuf]) -> impl Iterator<Item = Vec<std::fs::DirEntry>> + '_ {
     roots
         .iter()
         .filter_map(|root| std::fs::read_dir(root).ok())
         .flat_map(|folders| folders.flatten())
         .filter_map(|folder| std::fs::read_dir(folder.path()).ok())
-        .flat_map(|files| files.flatten().map(|f| f.path()))
-        .collect()
+        .map(|files| files.flatten().collect())
 }
 
 /// The stored envelopes, read again only when their file changes: the inbox page asks for
@@ -240,15 +239,7 @@ impl Listing {
     pub fn list(&self, roots: &[PathBuf]) -> Vec<Arc<serde_json::Value>> {
         let mut read = self.read.lock().unwrap_or_else(|e| e.into_inner());
         let mut seen = HashMap::with_capacity(read.len());
-        for folder in roots
-            .iter()
-            .filter_map(|root| std::fs::read_dir(root).ok())
-            .flat_map(|folders| folders.flatten())
-        {
-            let Ok(files) = std::fs::read_dir(folder.path()) else {
-                continue;
-            };
-            let files: Vec<std::fs::DirEntry> = files.flatten().collect();
+        for files in project_folders(roots) {
             let names: HashSet<std::ffi::OsString> = files.iter().map(|f| f.file_name()).collect();
             for file in files {
                 let path = file.path();
@@ -383,8 +374,9 @@ pub fn attachment(message: &[u8], n: usize) -> Option<(String, String, Vec<u8>)>
 
 /// Deletes every captured message under `roots`; returns how many.
 pub fn delete_all(roots: &[PathBuf]) -> usize {
-    stored_files(roots)
-        .into_iter()
+    project_folders(roots)
+        .flatten()
+        .map(|file| file.path())
         .filter(|path| {
             let ext = path.extension().and_then(|e| e.to_str());
             matches!(ext, Some("eml" | "json"))
