@@ -106,7 +106,7 @@ impl Reloader {
             self.0.upstreams.clone(),
             self.0.sources.clone(),
             self.0.activity.clone(),
-        )?;
+        );
         self.0.upstreams.configure(settings);
         // Pools of upstreams (or credentials) the new config no longer uses are closed.
         retain_used(&self.0.upstreams, &self.0.sources, &config);
@@ -138,7 +138,7 @@ impl Server {
             upstreams.clone(),
             sources.clone(),
             activity.clone(),
-        )?;
+        );
         Ok(Server {
             shared: Arc::new(Shared::new(state, upstreams, sources, activity, tls)),
             listeners,

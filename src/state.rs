@@ -32,7 +32,7 @@ impl State {
         upstreams: Arc<Upstreams>,
         sources: Arc<Sources>,
         activity: Arc<Activity>,
-    ) -> anyhow::Result<State> {
+    ) -> State {
         let l = &config.listener;
         let settings = Settings {
             hostname: l.hostname.clone(),
@@ -43,11 +43,11 @@ impl State {
             require_auth: l.require_auth,
             allow_plaintext_auth: l.allow_plaintext_auth,
         };
-        Ok(State {
+        State {
             relay: Relay::with_shared(config.clone(), upstreams, sources, activity),
             config,
             settings,
-        })
+        }
     }
 }
 
