@@ -238,15 +238,11 @@ fn check(path: &Path, connect: bool) -> ExitCode {
         _ => Ok(String::new()),
     };
     // One line per relay: the primary, then its fallback when it has one.
-    let relay_line = |who: &str, t: &project_relay::config::SmtpTarget| match probe(t) {
-        Ok(what) => {
-            println!("{who}: smtp via {}:{} ({}){what}", t.host, t.port, t.tls);
-            true
-        }
-        Err(why) => {
-            println!("{who}: smtp via {}:{} ({}){why}", t.host, t.port, t.tls);
-            false
-        }
+    let relay_line = |who: &str, t: &project_relay::config::SmtpTarget| {
+        let result = probe(t);
+        let said = result.as_ref().unwrap_or_else(|why| why);
+        println!("{who}: smtp via {}:{} ({}){said}", t.host, t.port, t.tls);
+        result.is_ok()
     };
     match &config.server.provider {
         Some(Provider::Smtp(t)) => {
