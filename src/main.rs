@@ -31,8 +31,8 @@ struct Cli {
     /// Log format; overrides `[log] format`.
     #[arg(long, global = true, value_enum)]
     log_format: Option<Format>,
-    /// Worker threads of `serve` (default: one per CPU the process may use). On a host whose
-    /// other cores are busy, or a sidecar given one core, 1 spends the least CPU per message.
+    /// Worker threads of `serve` (default: one per CPU the process may use). A sidecar given
+    /// about one core may as well have 1, so no second thread wakes for nothing.
     #[arg(long, global = true, env = "PROJECT_RELAY_THREADS")]
     threads: Option<NonZeroUsize>,
     #[command(subcommand)]
