@@ -74,6 +74,56 @@ async fn pipelined_commands_get_one_reply_each_in_order() {
     assert_eq!(got[1].rcpts, ["c@x.example"]);
 }
 
+/// Data segments this socket has received so far (Linux's TCP_INFO). With TCP_NODELAY on the
+/// relay's side, each of its writes of a few hundred bytes is one segment on loopback.
+#[cfg(target_os = "linux")]
+fn data_segments_in(tcp: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain integers; the kernel fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_data_segs_in
+}
+
+/// RFC 2920 servers answer a pipelined batch in one write: one reply segment per batch
+/// instead of one per command, for the client to read and for the relay to send.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_pipelined_batch_is_answered_in_one_write() {
+    let (relay, up) = setup("").await;
+    let mut c = relay.client().await;
+    let before = data_segments_in(c.stream.get_ref());
+    c.send_raw(
+        b"EHLO me\r\nMAIL FROM:<app@app.example>\r\nRCPT TO:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nDATA\r\n",
+    )
+    .await;
+    for code in [250, 250, 250, 250, 354] {
+        c.expect(code).await;
+    }
+    assert_eq!(data_segments_in(c.stream.get_ref()) - before, 1);
+    // The end of the message and what follows it: the final 250 waits on the upstream, and
+    // the replies to the commands after it go out together once it is there.
+    let before = data_segments_in(c.stream.get_ref());
+    c.send_raw(b"Subject: p\r\n\r\nhi\r\n.\r\nNOOP\r\nRSET\r\nNOOP\r\n")
+        .await;
+    for code in [250, 250, 250, 250] {
+        c.expect(code).await;
+    }
+    let segments = data_segments_in(c.stream.get_ref()) - before;
+    assert!(segments <= 2, "{segments} segments");
+    assert_eq!(up.received().len(), 1);
+}
+
 #[tokio::test]
 async fn bad_commands_get_replies_and_the_session_goes_on() {
     let (relay, up) = setup(TLS_LISTENER).await;
