@@ -52,14 +52,36 @@ struct Limits {
     auth_failure_delay: Duration,
 }
 
+/// A connection that ended abnormally, and the client it served: behind a load balancer,
+/// the address its PROXY header named.
+#[derive(Debug)]
+pub struct Ended {
+    pub client: SocketAddr,
+    pub error: ConnectionError,
+}
+
 /// Serves one accepted connection to the end. `Err` means it ended abnormally; the caller
 /// logs it once.
 pub async fn serve(
+    tcp: TcpStream,
+    tcp_peer: SocketAddr,
+    implicit_tls: bool,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> Result<(), Ended> {
+    let mut client = tcp_peer;
+    let served = serve_client(tcp, tcp_peer, implicit_tls, shared, shutdown, &mut client).await;
+    served.map_err(|error| Ended { client, error })
+}
+
+/// `serve`, saying in `named` which client the connection turns out to serve.
+async fn serve_client(
     mut tcp: TcpStream,
     tcp_peer: SocketAddr,
     implicit_tls: bool,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    named: &mut SocketAddr,
 ) -> Result<(), ConnectionError> {
     // Linux passes the listener's TCP_NODELAY on to the accepted socket; elsewhere it is set
     // per connection.
@@ -84,6 +106,7 @@ pub async fn serve(
             proxy::Header::Proxied(addr) => {
                 let ip = addr.ip().to_canonical();
                 tracing::Span::current().record("client", tracing::field::display(addr));
+                *named = addr;
                 let peer = Peer {
                     trusted: listener.is_allowed(ip),
                     loopback: false,

@@ -296,7 +296,9 @@ impl Accept {
                     crate::metrics::session_opened();
                     match connection::serve(tcp, peer, implicit_tls, shared, shutdown).await {
                         Ok(()) => tracing::debug!("closed"),
-                        Err(e) => tracing::info!(%peer, "connection ended: {e}"),
+                        Err(connection::Ended { client, error }) => {
+                            tracing::info!(%peer, %client, "connection ended: {error}")
+                        }
                     }
                     crate::metrics::session_closed();
                     drop(permit);

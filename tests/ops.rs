@@ -497,6 +497,38 @@ async fn json_logs_one_event_per_message() {
     assert!(status.success());
 }
 
+/// Behind a load balancer the abnormal end of a session names the client its PROXY header
+/// named, beside the balancer's own address.
+#[tokio::test]
+async fn a_session_that_ends_abnormally_is_logged_with_its_proxied_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        "[listener]\nsmtp = \"127.0.0.1:0\"\nproxy_protocol = true\nallow = [\"203.0.113.0/24\"]\n[server]\nsupportEmail = \"noreply@example.com\"\n[server.capture]\ndir = \"outbox\"\n",
+    );
+    let mut cmd = bin();
+    cmd.args(["--log-format", "json", "--config"]).arg(&path);
+    let mut relay = Process::start(cmd);
+    let line = relay.wait_for("listening on ");
+    let addr = relay.listening_in(&line);
+    let mut c = common::Client::connect(addr).await;
+    c.send("PROXY TCP4 203.0.113.7 127.0.0.1 40000 25").await;
+    c.expect(220).await;
+    // Reset while the relay waits for a command: an i/o error, not a clean close.
+    let tcp = c.stream.into_inner();
+    tcp.set_zero_linger().unwrap();
+    drop(tcp);
+    let event = json(&relay.wait_for("connection ended"));
+    let f = &event["fields"];
+    assert_eq!(f["client"], "203.0.113.7:40000", "{event}");
+    assert!(
+        f["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{event}"
+    );
+    let (status, _) = relay.stop();
+    assert!(status.success());
+}
+
 #[tokio::test]
 async fn since_with_any_bytes_is_a_400_never_a_panic() {
     let (_relay, base) = with_admin("").await;
