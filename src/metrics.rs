@@ -132,11 +132,9 @@ pub fn failover(sender: &str) {
     counter!("relay_failovers_total", "sender" => sender.to_owned()).increment(1);
 }
 
-/// Whether the circuit of a primary relay (`host:port`) is open (1) or closed (0).
-pub fn circuit(upstream: &str, open: bool) {
-    gauge!("relay_circuit_open", "upstream" => upstream.to_owned()).set(if open {
-        1.0
-    } else {
-        0.0
-    });
+/// Whether the circuit of a primary relay is open (1) or closed (0), labelled `host:port` so
+/// two relays on one host are told apart.
+pub fn circuit(upstream: &crate::config::SmtpTarget, open: bool) {
+    let label = format!("{}:{}", upstream.host, upstream.port);
+    gauge!("relay_circuit_open", "upstream" => label).set(if open { 1.0 } else { 0.0 });
 }

@@ -152,7 +152,7 @@ impl Table {
                 .is_some_and(|c| c.open_until.is_some())
             {
                 tracing::info!(upstream = %primary.host, "circuit closed: the primary relay took a message");
-                crate::metrics::circuit(&format!("{}:{}", primary.host, primary.port), false);
+                crate::metrics::circuit(primary, false);
             }
             return;
         }
@@ -167,7 +167,7 @@ impl Table {
                     c.failures,
                     open.as_secs()
                 );
-                crate::metrics::circuit(&format!("{}:{}", primary.host, primary.port), true);
+                crate::metrics::circuit(primary, true);
             }
             c.open_until = Some(Instant::now() + open);
         }
