@@ -26,6 +26,22 @@ fn upstream_script() -> Script {
 }
 
 /// The relay's config: the server provider is `server`, `acme` is read from `medplum`.
+const FLEET_SECRET: &str = "fleet-secret";
+
+/// A super-admin client for the fleet credential; returns the `[medplum]` lines naming it.
+fn fleet_client(medplum: &Medplum) -> &'static str {
+    medplum.add_client(
+        "fleet",
+        ClientApp {
+            secret: FLEET_SECRET.into(),
+            project: "super-admin-project".into(),
+            admin: true,
+            super_admin: true,
+        },
+    );
+    "client_id = \"fleet\"\nclient_secret = \"fleet-secret\""
+}
+
 fn toml(medplum: &Medplum, server: &Upstream, medplum_extra: &str, project: &str) -> String {
     format!(
         "[server]\nsupportEmail = \"Example <noreply@example.com>\"\n[server.smtp]\nhost = \"127.0.0.1\"\nport = {}\n\
@@ -322,22 +338,8 @@ async fn a_429_is_honoured_until_retry_after() {
 #[tokio::test]
 async fn the_fleet_credential_reads_any_project_named_in_the_header() {
     let w = world().await;
-    w.medplum.add_client(
-        "fleet",
-        ClientApp {
-            secret: "fleet-secret".into(),
-            project: "super-admin-project".into(),
-            admin: true,
-            super_admin: true,
-        },
-    );
-    let relay = Relay::start(&toml(
-        &w.medplum,
-        &w.server,
-        "client_id = \"fleet\"\nclient_secret = \"fleet-secret\"",
-        "",
-    ))
-    .await;
+    let fleet = fleet_client(&w.medplum);
+    let relay = Relay::start(&toml(&w.medplum, &w.server, fleet, "")).await;
     let reply = send(&relay, MSG).await;
     assert!(reply.starts_with("250"), "{reply}");
     assert_eq!(w.project.received().len(), 1);
@@ -560,27 +562,14 @@ async fn check_and_send_test_read_medplum_projects_as_the_relay_does() {
     assert_eq!(w.project.received().len(), 1);
 
     // With a fleet credential, check obtains its token and says so.
-    w.medplum.add_client(
-        "fleet",
-        ClientApp {
-            secret: "fleet-secret".into(),
-            project: "super-admin-project".into(),
-            admin: true,
-            super_admin: true,
-        },
-    );
-    let fleet = toml(
-        &w.medplum,
-        &w.server,
-        "client_id = \"fleet\"\nclient_secret = \"fleet-secret\"",
-        &acme_table(),
-    );
-    let (ok, out) = common::process::run_once(fleet, &["check"]).await;
+    let fleet = fleet_client(&w.medplum);
+    let config = toml(&w.medplum, &w.server, fleet, &acme_table());
+    let (ok, out) = common::process::run_once(config, &["check"]).await;
     assert!(
         ok && out.contains("medplum: fleet client: token ok"),
         "{out}"
     );
-    assert!(!out.contains("fleet-secret"), "{out}");
+    assert!(!out.contains(FLEET_SECRET), "{out}");
 
     // A client Medplum refuses: check says why, as the relay's reply would, and fails.
     let table = format!(

@@ -294,15 +294,8 @@ async fn an_auth_answered_with_250_is_accepted_as_postfix_smtp_sink_answers_it()
         ..common::Script::default()
     })
     .await;
-    let relay = common::Relay::start(&common::acme_project("127.0.0.1", up.port(), "")).await;
-    let mut c = relay.client().await;
-    let reply = c
-        .send_mail(
-            "a@app.example",
-            &["x@dest.example"],
-            b"X-Project-Id: acme\r\n\r\nhi\r\n",
-        )
-        .await;
+    let relay = Relay::start(&project(&up, "")).await;
+    let reply = send(&relay, MSG).await;
     // (The test upstream counts a scripted AUTH reply as no authentication, so MAIL then
     // gets 530: what matters is that the relay went on past AUTH.)
     assert!(
@@ -314,21 +307,9 @@ async fn an_auth_answered_with_250_is_accepted_as_postfix_smtp_sink_answers_it()
 #[tokio::test]
 async fn smtp_auth_method_picks_the_mechanism() {
     for (method, expect) in [("login", "AUTH LOGIN"), ("plain", "AUTH PLAIN")] {
-        let up = common::Upstream::start(script(|_| {})).await;
-        let relay = Relay::start(&common::acme_project(
-            "127.0.0.1",
-            up.port(),
-            &format!("smtpAuthMethod = \"{method}\""),
-        ))
-        .await;
-        let mut c = relay.client().await;
-        let reply = c
-            .send_mail(
-                "a@app.example",
-                &["x@dest.example"],
-                b"X-Project-Id: acme\r\n\r\nhi\r\n",
-            )
-            .await;
+        let up = Upstream::start(script(|_| {})).await;
+        let relay = Relay::start(&project(&up, &format!("smtpAuthMethod = \"{method}\""))).await;
+        let reply = send(&relay, MSG).await;
         assert!(reply.starts_with("250"), "{method}: {reply}");
         assert!(
             up.commands().iter().any(|c| c.starts_with(expect)),
