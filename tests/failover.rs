@@ -327,11 +327,12 @@ async fn a_client_that_half_closes_after_the_dot_still_has_its_message_sent() {
     let up = Upstream::start(auth_script()).await;
     let relay = Relay::start(&project(up.port(), "")).await;
     let mut tcp = tokio::net::TcpStream::connect(relay.smtp).await.unwrap();
-    let mut dialogue =
-        b"EHLO client.test\r\nMAIL FROM:<app@app.example>\r\nRCPT TO:<x@dest.example>\r\nDATA\r\n"
-            .to_vec();
     // Pipelined: wait for the 354 before the message, as a client must.
-    tcp.write_all(&dialogue).await.unwrap();
+    tcp.write_all(
+        b"EHLO client.test\r\nMAIL FROM:<app@app.example>\r\nRCPT TO:<x@dest.example>\r\nDATA\r\n",
+    )
+    .await
+    .unwrap();
     let mut seen = String::new();
     let mut buf = [0u8; 4096];
     while !seen.contains("354") {
@@ -342,8 +343,7 @@ async fn a_client_that_half_closes_after_the_dot_still_has_its_message_sent() {
         assert!(n > 0, "{seen}");
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    dialogue = common::stuff(MSG);
-    tcp.write_all(&dialogue).await.unwrap();
+    tcp.write_all(&common::stuff(MSG)).await.unwrap();
     tcp.shutdown().await.unwrap();
     let mut rest = String::new();
     let _ = tokio::time::timeout(common::STEP, async {
