@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::Relay;
+use fantoccini::elements::Element;
 use fantoccini::{Client, ClientBuilder, Locator};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -117,44 +118,32 @@ async fn wait_rows(client: &Client, selector: &str, n: usize, within: Duration) 
     }
 }
 
-/// Clicks the element `what` finds; found again if the page redrew it meanwhile (new mail
-/// arriving redraws the list).
-async fn click(client: &Client, what: Locator<'_>) {
-    for attempt in 0.. {
-        match client.find(what).await.unwrap().click().await {
-            Ok(()) => return,
-            Err(e) if attempt < 5 => {
-                eprintln!("retrying a click: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("click: {e}"),
-        }
-    }
-}
-
-/// The text of the element `what` finds, found again if it was redrawn meanwhile.
-async fn text(client: &Client, what: Locator<'_>) -> String {
-    for attempt in 0.. {
-        match client.find(what).await.unwrap().text().await {
+/// Runs `op` on the element `what` finds, finding it again if the page redrew it meanwhile
+/// (new mail arriving redraws the list).
+async fn on_element<T, F>(client: &Client, what: Locator<'_>, op: impl Fn(Element) -> F) -> T
+where
+    F: std::future::Future<Output = Result<T, fantoccini::error::CmdError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match op(client.find(what).await.unwrap()).await {
             Ok(t) => return t,
             Err(e) if attempt < 5 => {
-                eprintln!("retrying a read: {e}");
+                eprintln!("retrying on a redrawn element: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => panic!("text: {e}"),
+            Err(e) => panic!("{what:?}: {e}"),
         }
+        attempt += 1;
     }
-    unreachable!()
 }
 
-async fn text_of(client: &Client, id: &str) -> String {
-    client
-        .find(Locator::Id(id))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+async fn click(client: &Client, what: Locator<'_>) {
+    on_element(client, what, |e| async move { e.click().await }).await
+}
+
+async fn text(client: &Client, what: Locator<'_>) -> String {
+    on_element(client, what, |e| async move { e.text().await }).await
 }
 
 fn save(name: &str, png: &[u8]) {
@@ -196,16 +185,16 @@ async fn new_mail_appears_within_two_seconds_with_its_from_decision() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let decision = text_of(&b.client, "m-decision").await;
+    let decision = text(&b.client, Locator::Id("m-decision")).await;
     assert!(
         decision.contains(
             "mallory@other.example is not in acme's smtpApprovedSenders: replaced by smtpFromAddress"
         ),
         "{decision}"
     );
-    let envelope = text_of(&b.client, "m-envelope").await;
+    let envelope = text(&b.client, Locator::Id("m-envelope")).await;
     assert!(envelope.contains("X-Project-Id: acme"), "{envelope}");
-    let body = text_of(&b.client, "m-text").await;
+    let body = text(&b.client, Locator::Id("m-text")).await;
     assert!(body.contains("The quarterly numbers."), "{body}");
     save("message.png", &b.client.screenshot().await.unwrap());
 }
