@@ -630,8 +630,10 @@ def main():
                         checks.append((f"upstream connections per 1000 messages < 20 ({size // 1024} KB, {sessions} sessions)",
                                        f"{r['conns']:.1f}", r["conns"] < 20))
                         if size == 2048 and sessions == 10:
-                            shares = sorted(rl["cpu"]["relay"] / (d["cpu"]["source"] + d["cpu"]["sink"])
-                                            for d, rl in pairs)
+                            def direct_cpu(d):
+                                return d["cpu"]["source"] + d["cpu"]["sink"]
+
+                            shares = sorted(rl["cpu"]["relay"] / direct_cpu(d) for d, rl in pairs)
                             share = median(shares)
                             checks.append(("relay CPU per 1000 msgs (2 KB, 10 sessions) <= 0.55 of smtp-source + smtp-sink direct",
                                            f"{share:.2f} (pairs {', '.join(f'{x:.2f}' for x in shares)})",
@@ -640,14 +642,14 @@ def main():
                             # same accept, replies, reads and close) and the upstream what the
                             # sink's side of the upstream connection costs the sink. A relay
                             # that spent per exchange what smtp-sink spends would need both.
-                            floor = median([(d["cpu"]["sink"] + rl["cpu"]["sink"])
-                                            / (d["cpu"]["source"] + d["cpu"]["sink"])
-                                            for d, rl in pairs])
+                            def floor_cpu(d, rl):
+                                return d["cpu"]["sink"] + rl["cpu"]["sink"]
+
+                            floor = median([floor_cpu(d, rl) / direct_cpu(d) for d, rl in pairs])
                             # With both setups CPU-bound on the same cores, throughput goes as
                             # the inverse of all CPU spent per message.
-                            bound = median([(d["cpu"]["source"] + d["cpu"]["sink"])
-                                            / (rl["cpu"]["source"] + rl["cpu"]["sink"]
-                                               + d["cpu"]["sink"] + rl["cpu"]["sink"])
+                            bound = median([direct_cpu(d) / (rl["cpu"]["source"] + rl["cpu"]["sink"]
+                                                             + floor_cpu(d, rl))
                                             for d, rl in pairs])
                             floors.append(
                                 f"At 2 KB and 10 sessions, a relay that spent on each exchange what "
