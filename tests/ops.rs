@@ -455,17 +455,22 @@ async fn secrets_from_the_environment_and_from_files() {
     );
 }
 
-#[tokio::test]
-async fn json_logs_one_event_per_message() {
+/// The relay binary on `toml` with JSON logs, once it listens; with its "listening on" line.
+fn with_json_logs(toml: &str) -> (tempfile::TempDir, Process, String) {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
-        "[listener]\nsmtp = \"127.0.0.1:0\"\n[server]\nsupportEmail = \"noreply@example.com\"\n[server.capture]\ndir = \"outbox\"\n[projects.acme]\n",
-    );
+    let path = write_config(dir.path(), toml);
     let mut cmd = bin();
     cmd.args(["--log-format", "json", "--config"]).arg(&path);
     let mut relay = Process::start(cmd);
     let line = relay.wait_for("listening on ");
+    (dir, relay, line)
+}
+
+#[tokio::test]
+async fn json_logs_one_event_per_message() {
+    let (_dir, mut relay, line) = with_json_logs(
+        "[listener]\nsmtp = \"127.0.0.1:0\"\n[server]\nsupportEmail = \"noreply@example.com\"\n[server.capture]\ndir = \"outbox\"\n[projects.acme]\n",
+    );
     assert!(
         json(&line)["fields"]["message"]
             .as_str()
@@ -501,15 +506,9 @@ async fn json_logs_one_event_per_message() {
 /// named, beside the balancer's own address.
 #[tokio::test]
 async fn a_session_that_ends_abnormally_is_logged_with_its_proxied_client() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
+    let (_dir, mut relay, line) = with_json_logs(
         "[listener]\nsmtp = \"127.0.0.1:0\"\nproxy_protocol = true\nallow = [\"203.0.113.0/24\"]\n[server]\nsupportEmail = \"noreply@example.com\"\n[server.capture]\ndir = \"outbox\"\n",
     );
-    let mut cmd = bin();
-    cmd.args(["--log-format", "json", "--config"]).arg(&path);
-    let mut relay = Process::start(cmd);
-    let line = relay.wait_for("listening on ");
     let addr = relay.listening_in(&line);
     let mut c = common::Client::connect(addr).await;
     c.send("PROXY TCP4 203.0.113.7 127.0.0.1 40000 25").await;
